@@ -1,0 +1,86 @@
+"""The `dsel` command line: one subcommand per stage, each configured by a typed dataclass.
+
+Every command takes `-c/--config FILE.yaml` and any number of `key=value` overrides:
+
+    dsel tokenize input=corpus.jsonl output=data/corpus vocab_size=8000
+    dsel pds solve -c configs/pds.yaml solver.steps=50
+
+A stage module declares its commands in a module-level list `COMMANDS` of `Command`s; listing
+the module in `COMMAND_MODULES` below puts them on the command line. Heavy imports (torch,
+megatron) belong inside the `run` functions so `dsel --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from dsel.config import describe, load_config
+from dsel.errors import DselError
+
+# Modules that declare `COMMANDS`; each stage adds its own line.
+COMMAND_MODULES: list[str] = []
+
+
+@dataclass(frozen=True)
+class Command:
+    """A CLI command: `name` may have two words ("pds solve") for a command group."""
+
+    name: str
+    help: str
+    config: type
+    run: Callable[[Any], Any]
+
+
+def all_commands() -> list[Command]:
+    """Every command of every registered stage module, in registration order."""
+    return [cmd for mod in COMMAND_MODULES for cmd in importlib.import_module(mod).COMMANDS]
+
+
+def build_parser(commands: list[Command]) -> argparse.ArgumentParser:
+    """An argparse parser with a subparser per command (and per group for two-word names)."""
+    parser = argparse.ArgumentParser(
+        prog="dsel",
+        description="Select pretraining data with PDS or CoLoR-Filter, pretrain on it and evaluate.",
+    )
+    parser.add_argument("--log-level", default=os.environ.get("DSEL_LOG_LEVEL", "INFO"))
+    top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for cmd in commands:
+        words = cmd.name.split()
+        target = top
+        if len(words) == 2:
+            if words[0] not in groups:
+                group = top.add_parser(words[0], help=f"{words[0]} commands")
+                groups[words[0]] = group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+            target = groups[words[0]]
+        sub = target.add_parser(
+            words[-1],
+            help=cmd.help,
+            description=cmd.help + "\n\nsettings (set in the YAML file or as key=value):\n" + "\n".join(describe(cmd.config)),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        sub.add_argument("-c", "--config", help="YAML file of settings")
+        sub.add_argument("overrides", nargs="*", metavar="key=value", help="settings that override the YAML file")
+        sub.set_defaults(_command=cmd)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `dsel` command: parse, load the config, run; bad input exits with 2."""
+    parser = build_parser(all_commands())
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    cmd: Command = args._command
+    try:
+        config = load_config(cmd.config, args.config, args.overrides)
+        cmd.run(config)
+    except DselError as e:
+        print(f"dsel {cmd.name}: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,1 @@
+"""CoLoR-Filter: prior and conditional models and their conditional loss reduction score."""

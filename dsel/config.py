@@ -1,0 +1,169 @@
+"""Typed configs: dataclasses loaded from YAML and overridden on the command line.
+
+Every stage declares its settings as a dataclass whose fields carry a `help` string in their
+metadata (`field(default=..., metadata={"help": ...})`, or the shorthand `option(...)`).
+`load_config(Cls, "cfg.yaml", ["train.lr=3e-4"])` reads the YAML, applies dotted overrides,
+checks every key and type, and returns a `Cls`. A typo gets a one-line error naming the file,
+the key and the closest valid name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from dsel.errors import DselError
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", **kwargs) -> Any:
+    """A dataclass field with a help string; mutable defaults (lists, dicts) are copied per instance."""
+    if isinstance(default, (list, dict)):
+        value = default
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kwargs)
+    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: Iterable[str] = ()) -> Any:
+    """Build a `cls` from an optional YAML file plus `key.sub=value` overrides."""
+    source = str(path) if path else "<defaults>"
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise DselError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise DselError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise DselError(f"{path}: expected a mapping of settings at the top level")
+    for item in overrides:
+        _apply_override(data, item)
+    return from_dict(cls, data, source)
+
+
+def from_dict(cls: type, data: dict, source: str = "<config>", prefix: str = "") -> Any:
+    """Convert a nested dict into dataclass `cls`, checking keys and coercing types."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise DselError(f"{source}: unknown key '{prefix}{key}' for {cls.__name__}{_suggest(key, fields)}")
+        kwargs[key] = _coerce(value, hints[key], source, f"{prefix}{key}")
+    missing = [n for n, f in fields.items() if n not in kwargs and _is_required(f)]
+    if missing:
+        raise DselError(f"{source}: missing required setting(s) {', '.join(prefix + m for m in missing)}")
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict:
+    """A plain dict of a config (for saving next to a stage's outputs)."""
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    """Write a config as YAML, atomically, so a stage's outputs record how they were made."""
+    from dsel.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def describe(cls: type, prefix: str = "") -> list[str]:
+    """One line per setting (nested ones dotted): name, type, default and help; for --help."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            lines += describe(hint, f"{prefix}{f.name}.")
+            continue
+        default = "(required)" if _is_required(f) else f"= {_default_of(f)!r}"
+        lines.append(f"  {prefix}{f.name}: {_type_name(hint)} {default}  {f.metadata.get('help', '')}".rstrip())
+    return lines
+
+
+def _apply_override(data: dict, item: str) -> None:
+    if "=" not in item:
+        raise DselError(f"command line: override '{item}' is not of the form key=value")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw else ""
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise DselError(f"command line: '{key}' sets a field inside a non-mapping setting")
+    node[parts[-1]] = value
+
+
+def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        for candidate in non_none:
+            try:
+                return _coerce(value, candidate, source, key)
+            except DselError:
+                continue
+        raise _type_error(source, key, value, hint)
+    if origin is typing.Literal:
+        if value not in args:
+            raise DselError(f"{source}: '{key}' must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise _type_error(source, key, value, hint)
+        return from_dict(hint, value, source, f"{key}.")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        item_type = args[0] if args else Any
+        return origin(_coerce(v, item_type, source, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _type_error(source, key, value, hint)
+        return {k: _coerce(v, args[1], source, f"{key}.{k}") if args else v for k, v in value.items()}
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise _type_error(source, key, value, hint)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise _type_error(source, key, value, hint)
+
+
+def _type_error(source: str, key: str, value: Any, hint: Any) -> DselError:
+    return DselError(f"{source}: '{key}' should be {_type_name(hint)}, got {value!r}")
+
+
+def _suggest(key: str, names: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(names), n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _is_required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")

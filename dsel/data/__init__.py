@@ -1,0 +1,1 @@
+"""Token data: tokenization, Megatron .bin/.idx and OLMo memmaps, the native loader."""

@@ -1,0 +1,1 @@
+"""Evaluation: held-out losses per domain, lm-eval integration, run reports."""

@@ -1,0 +1,1 @@
+"""Model definitions: the GPT decoder and the PDS data scorer."""

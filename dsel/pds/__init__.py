@@ -1,0 +1,1 @@
+"""PDS: the PMP data-weight solver and the data scorer."""

@@ -1,0 +1,1 @@
+"""Corpus-scale scoring: sharded, resumable score tables."""

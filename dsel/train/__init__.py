@@ -1,0 +1,1 @@
+"""Training: the torch backend (CPU or one GPU) and the megatron-core backend (TP/PP/DP)."""

@@ -1,0 +1,76 @@
+"""Typed YAML configs: loading, overrides, and one-line errors for typos and bad types."""
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import pytest
+
+from dsel.config import describe, load_config, option
+from dsel.errors import DselError
+
+
+@dataclass
+class Inner:
+    lr: float = option(1e-3, "learning rate")
+    steps: int = option(10, "steps")
+
+
+@dataclass
+class Outer:
+    name: str = option(help="run name")
+    train: Inner = field(default_factory=Inner)
+    mode: Literal["a", "b"] = option("a", "mode")
+    tags: list[str] = option([], "tags")
+    seed: Optional[int] = option(None, "seed")
+    verbose: bool = option(False, "chatty")
+
+
+def write(tmp_path, text):
+    p = tmp_path / "cfg.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_yaml_then_overrides(tmp_path):
+    p = write(tmp_path, "name: x\ntrain:\n  lr: 1\n  steps: 5\ntags: [a]\n")
+    cfg = load_config(Outer, p, ["train.steps=7", "mode=b", "seed=3", "verbose=true"])
+    assert cfg.name == "x" and cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.train.steps == 7 and cfg.mode == "b" and cfg.seed == 3 and cfg.verbose is True
+    assert cfg.tags == ["a"]
+
+
+def test_defaults_are_not_shared():
+    a = load_config(Outer, None, ["name=a"])
+    a.tags.append("x")
+    assert load_config(Outer, None, ["name=b"]).tags == []
+
+
+def test_typo_names_file_key_and_suggestion(tmp_path):
+    p = write(tmp_path, "name: x\ntrain:\n  lrr: 1\n")
+    with pytest.raises(DselError, match=r"cfg.yaml: unknown key 'train.lrr' for Inner; did you mean 'lr'\?"):
+        load_config(Outer, p)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.steps=abc", "'train.steps' should be int"),
+        ("mode=c", "'mode' must be one of"),
+        ("verbose=3", "'verbose' should be bool"),
+        ("nokey", "not of the form key=value"),
+    ],
+)
+def test_bad_overrides(override, message):
+    with pytest.raises(DselError, match=message):
+        load_config(Outer, None, ["name=x", override])
+
+
+def test_missing_required_and_missing_file(tmp_path):
+    with pytest.raises(DselError, match="missing required setting"):
+        load_config(Outer, None, [])
+    with pytest.raises(DselError, match="nope.yaml: config file not found"):
+        load_config(Outer, tmp_path / "nope.yaml")
+
+
+def test_describe_lists_nested_settings():
+    text = "\n".join(describe(Outer))
+    assert "train.lr: float = 0.001  learning rate" in text and "name: str (required)" in text
