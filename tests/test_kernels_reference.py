@@ -1,0 +1,124 @@
+"""The plain-torch reference path (CPU default) against full-logits torch autograd."""
+import pytest
+import torch
+
+import kernels
+from dsel.errors import DselError
+from kernels.linear_ce import LinearCrossEntropyFunction, ReferenceBackend
+from _kernels_util import (SHAPES, brute_grads, brute_loss, brute_sequence_dots, brute_sequence_losses,
+                           make_case, tol)
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_loss_per_token_and_per_sequence(shape, dtype):
+    c = make_case(*shape, dtype=dtype)
+    loss = kernels.linear_cross_entropy(c["hidden"], c["weight"], c["targets"])
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, brute_loss(c["hidden"], c["weight"], c["targets"]), rtol=1e-5, atol=1e-5)
+    per_seq = kernels.linear_cross_entropy(c["hidden"], c["weight"], c["targets"], seq_ids=c["seq_ids"],
+                                           num_seqs=c["num_seqs"])
+    expected = brute_sequence_losses(c["hidden"], c["weight"], c["targets"], c["seq_ids"], c["num_seqs"])
+    torch.testing.assert_close(per_seq, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("budget", [3 * 67, 1 << 20])  # many token chunks, one chunk
+def test_gradients_match_autograd(shape, dtype, budget):
+    c = make_case(*shape, dtype=dtype)
+    h = c["hidden"].clone().requires_grad_()
+    W = c["weight"].clone().requires_grad_()
+    loss = LinearCrossEntropyFunction.apply(h, W, c["targets"], ReferenceBackend(budget))[0]
+    grad_h, grad_W = torch.autograd.grad((loss * c["upstream"]).sum(), (h, W))
+    assert grad_h.dtype == dtype and grad_W.dtype == dtype
+    want_h, want_W = brute_grads(c["hidden"], c["weight"], c["targets"], c["upstream"])
+    rtol, atol = tol(dtype)
+    torch.testing.assert_close(grad_h.float(), want_h, rtol=rtol, atol=atol)
+    torch.testing.assert_close(grad_W.float(), want_W, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_jvp_equals_per_sequence_gradient_dot_tangent(shape, dtype):
+    c = make_case(*shape, dtype=dtype)
+    loss, tangent = kernels.linear_cross_entropy_jvp(c["hidden"], c["d_hidden"], c["weight"], c["d_weight"],
+                                                     c["targets"], seq_ids=c["seq_ids"], num_seqs=c["num_seqs"])
+    want_loss, want_dots = brute_sequence_dots(c)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tangent, want_dots, rtol=1e-4, atol=1e-5)
+
+
+def test_jvp_with_only_one_tangent_and_chunking():
+    c = make_case(*SHAPES[0])
+    y = c["targets"]
+    for dh, dW in ((c["d_hidden"], None), (None, c["d_weight"]), (None, None)):
+        _, want = torch.func.jvp(lambda h, W: brute_loss(h, W, y), (c["hidden"], c["weight"]),
+                                 (c["d_hidden"] if dh is not None else torch.zeros_like(c["hidden"]),
+                                  c["d_weight"] if dW is not None else torch.zeros_like(c["weight"])))
+        _, tangent = kernels.linear_cross_entropy_jvp_reference(c["hidden"], dh, c["weight"], dW, y, budget=250)
+        torch.testing.assert_close(tangent, want, rtol=1e-4, atol=1e-5)
+
+
+def test_torch_func_jvp_uses_the_fused_tangent():
+    """linear_cross_entropy works inside torch.func.jvp (forward mode), e.g. behind a trunk."""
+    c = make_case(*SHAPES[0])
+    trunk = torch.randn(24, 24, generator=torch.Generator().manual_seed(1)) / 5
+    d_trunk = torch.randn(24, 24, generator=torch.Generator().manual_seed(2)) / 5
+
+    def sequence_losses(trunk_w, head_w, fn):
+        hidden = torch.tanh(c["hidden"] @ trunk_w)
+        return fn(hidden, head_w)
+
+    fused = lambda h, W: kernels.linear_cross_entropy(h, W, c["targets"], seq_ids=c["seq_ids"],
+                                                      num_seqs=c["num_seqs"])
+    brute = lambda h, W: brute_sequence_losses(h, W, c["targets"], c["seq_ids"], c["num_seqs"])
+    primals, tangents = (trunk, c["weight"]), (d_trunk, c["d_weight"])
+    loss, tangent = torch.func.jvp(lambda t, W: sequence_losses(t, W, fused), primals, tangents)
+    want_loss, want_tangent = torch.func.jvp(lambda t, W: sequence_losses(t, W, brute), primals, tangents)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tangent, want_tangent, rtol=1e-4, atol=1e-5)
+
+
+def test_leading_dimensions_are_kept():
+    c = make_case(*SHAPES[2])
+    h, y = c["hidden"].view(4, 5, 40), c["targets"].view(4, 5)
+    loss = kernels.linear_cross_entropy(h, c["weight"], y)
+    assert loss.shape == (4, 5)
+    torch.testing.assert_close(loss.view(-1), brute_loss(c["hidden"], c["weight"], c["targets"]))
+
+
+def test_sequence_reduce_sum_mean_mask_and_empty_sequence():
+    values = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    seq_ids = torch.tensor([0, 0, 2, 2, 2])
+    mask = torch.tensor([True, False, True, True, False])
+    sums = kernels.sequence_reduce(values, seq_ids, 3, mask=mask, mean=False)
+    means = kernels.sequence_reduce(values, seq_ids, 3, mask=mask)
+    torch.testing.assert_close(sums, torch.tensor([1.0, 0.0, 7.0]))
+    torch.testing.assert_close(means, torch.tensor([1.0, 0.0, 3.5]))
+    with pytest.raises(DselError, match=r"seq_ids must lie in \[0, 2\)"):
+        kernels.sequence_reduce(values, seq_ids, 2)
+
+
+def test_bad_inputs_raise_one_line_errors(monkeypatch):
+    c = make_case(*SHAPES[0])
+    bad = c["targets"].clone()
+    bad[0] = 100
+    with pytest.raises(DselError, match="target id 100 is outside the vocabulary"):
+        kernels.linear_cross_entropy(c["hidden"], c["weight"], bad)
+    with pytest.raises(DselError, match="shapes do not match"):
+        kernels.linear_cross_entropy(c["hidden"][:, :5], c["weight"], c["targets"])
+    with pytest.raises(DselError, match="d_weight has shape"):
+        kernels.linear_cross_entropy_jvp(c["hidden"], None, c["weight"], c["d_weight"][:3], c["targets"])
+    monkeypatch.setenv("DSEL_KERNELS", "cuda")
+    with pytest.raises(DselError, match="DSEL_KERNELS='cuda' is not one of"):
+        kernels.linear_cross_entropy(c["hidden"], c["weight"], c["targets"])
+
+
+def test_cpu_tensors_use_the_reference_by_default(monkeypatch):
+    monkeypatch.delenv("DSEL_KERNELS", raising=False)
+    assert kernels.backend_name(torch.zeros(1)) == "reference"
+    monkeypatch.setenv("DSEL_KERNELS", "triton")
+    assert kernels.backend_name(torch.zeros(1)) == "triton"
