@@ -1,0 +1,89 @@
+"""Target data for the conditional model: jsonl texts or a tokenized dataset, as padded batches.
+
+Target sets (a book, the few thousand examples of downstream tasks) are small and made of short
+documents. Each document (ending with EOD) is cut into pieces of at most `length` tokens; a batch
+pads its pieces to its longest one and masks the padding out of the loss, so short documents are
+neither packed across boundaries nor trained on padding.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from dsel.errors import DselError, file_error
+from dsel.io import require_file
+
+
+def read_jsonl_texts(path: str | Path, text_key: str = "text") -> list[str]:
+    """The `text_key` field of every line of a jsonl file, with errors naming file and line."""
+    path = require_file(path, "target jsonl file")
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise file_error(path, f"line {lineno} is not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
+                raise file_error(path, f"line {lineno} has no string field '{text_key}'")
+            texts.append(record[text_key])
+    if not texts:
+        raise file_error(path, "no documents (the file is empty)")
+    return texts
+
+
+def tokenize_texts(texts: Sequence[str], tokenizer) -> list[np.ndarray]:
+    """Token ids of each text followed by the tokenizer's end-of-document id."""
+    return [np.asarray(ids + [tokenizer.eod_id], dtype=np.int64) for ids in tokenizer.encode(list(texts))]
+
+
+def dataset_documents(prefix: str) -> list[np.ndarray]:
+    """Every document of a Megatron indexed dataset as one token array."""
+    from dsel.data.indexed import IndexedDataset
+
+    dataset = IndexedDataset(prefix)
+    bounds = dataset.document_indices
+    docs = [np.concatenate([dataset[i] for i in range(bounds[d], bounds[d + 1])]).astype(np.int64)
+            for d in range(len(bounds) - 1)]
+    docs = [d for d in docs if len(d)]
+    if not docs:
+        raise DselError(f"{prefix}: target dataset has no tokens")
+    return docs
+
+
+def split_documents(documents: Sequence[np.ndarray], length: int) -> list[np.ndarray]:
+    """Cut documents into pieces of at most `length` tokens; pieces under 2 tokens predict nothing."""
+    pieces = [doc[i:i + length] for doc in documents for i in range(0, len(doc), length)]
+    return [p for p in pieces if len(p) >= 2]
+
+
+def padded_batch(pieces: Sequence, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens [B, L] right-padded with `pad_id`, and a loss mask [B, L-1] over real targets."""
+    longest = max(len(p) for p in pieces)
+    tokens = torch.full((len(pieces), longest), pad_id, dtype=torch.long)
+    lengths = torch.tensor([len(p) for p in pieces])
+    for row, piece in enumerate(pieces):
+        tokens[row, : len(piece)] = torch.as_tensor(piece, dtype=torch.long)
+    loss_mask = torch.arange(1, longest)[None, :] < lengths[:, None]
+    return tokens, loss_mask
+
+
+def epoch_batches(pieces: Sequence[np.ndarray], batch_size: int, pad_id: int,
+                  seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch over `pieces` in a seeded random order, as padded, masked batches."""
+    order = np.random.default_rng(seed).permutation(len(pieces))
+    for start in range(0, len(order), batch_size):
+        yield padded_batch([pieces[i] for i in order[start:start + batch_size]], pad_id)
+
+
+def check_token_range(pieces: Sequence[np.ndarray], vocab_size: int, source: str) -> None:
+    """Refuse target tokens the model cannot embed (data tokenized with another tokenizer)."""
+    top = max(int(p.max()) for p in pieces)
+    if top >= vocab_size:
+        raise DselError(f"{source}: token id {top} is past the model's vocabulary (size {vocab_size})")
