@@ -25,6 +25,7 @@ from dsel.errors import DselError
 # Modules that declare `COMMANDS`; each stage adds its own line.
 COMMAND_MODULES: list[str] = [
     "dsel.color.commands",
+    "dsel.pds.commands",
 ]
 
 
