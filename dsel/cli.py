@@ -23,7 +23,9 @@ from dsel.config import describe, load_config
 from dsel.errors import DselError
 
 # Modules that declare `COMMANDS`; each stage adds its own line.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = [
+    "dsel.data.commands",
+]
 
 
 @dataclass(frozen=True)
