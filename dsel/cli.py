@@ -26,6 +26,7 @@ from dsel.errors import DselError
 COMMAND_MODULES: list[str] = [
     "dsel.color.commands",
     "dsel.pds.commands",
+    "dsel.data.commands",
 ]
 
 

@@ -1,0 +1,91 @@
+"""OLMo / dolma token files: headerless uint16 or uint32 arrays with EOS between documents."""
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from typing import Iterable
+
+import numpy as np
+
+from dsel.errors import DselError
+from dsel.io import atomic_path
+from dsel.data.indexed import check_vocab
+from dsel.data.native import _C, native_errors
+
+MEMMAP_DTYPES = (np.dtype(np.uint16), np.dtype(np.uint32))
+
+
+def _memmap_dtype(dtype) -> np.dtype:
+    dtype = np.dtype(dtype)
+    if dtype not in MEMMAP_DTYPES:
+        raise DselError(f"headerless token files are uint16 or uint32, not {dtype}")
+    return dtype
+
+
+class MemmapTokens:
+    """A memory-mapped headerless token file viewed as one token stream.
+
+    `eos_id` marks document ends (a document runs up to and including its EOS); without it the
+    whole file counts as one document.
+    """
+
+    def __init__(self, path: str | os.PathLike, dtype=np.uint16, eos_id: int | None = None, vocab_size: int | None = None):
+        self.path = str(path)
+        self.dtype = _memmap_dtype(dtype)
+        self.eos_id = eos_id
+        with native_errors():
+            self._native = _C.RawTokens(self.path, self.dtype.itemsize)
+        self.stream: np.ndarray = self._native.tokens()
+        if vocab_size is not None:
+            self.check_tokens(vocab_size)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.stream)
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    @cached_property
+    def document_starts(self) -> np.ndarray:
+        """Stream position where each document starts (int64, first is 0)."""
+        if self.eos_id is None:
+            return np.zeros(1, dtype=np.int64)
+        with native_errors():
+            ends = _C.token_positions(self.stream, int(self.eos_id)) + 1
+        return np.concatenate([[0], ends[ends < self.num_tokens]]).astype(np.int64)
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.document_starts)
+
+    def document_of_token(self, positions: np.ndarray) -> np.ndarray:
+        """Document containing each stream position (int64)."""
+        return np.searchsorted(self.document_starts, np.asarray(positions, dtype=np.int64), side="right").astype(np.int64) - 1
+
+    def check_tokens(self, vocab_size: int) -> None:
+        """Raise a DselError naming the file if a token id is outside [0, vocab_size)."""
+        check_vocab(self.stream, vocab_size, self.path)
+
+    def __getstate__(self):
+        return {"path": self.path, "dtype": self.dtype.str, "eos_id": self.eos_id}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"], state["dtype"], state["eos_id"])
+
+    def __repr__(self) -> str:
+        return f"MemmapTokens({self.path!r}, {self.num_tokens} tokens, {self.dtype})"
+
+
+def write_memmap_tokens(path: str | os.PathLike, documents: Iterable, dtype=np.uint16) -> int:
+    """Write documents back to back as a headerless token file (atomically); returns the token count."""
+    dtype = _memmap_dtype(dtype)
+    total = 0
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        for doc in documents:
+            arr = np.asarray(doc)
+            if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(dtype).max):
+                raise DselError(f"{path}: token ids do not fit {dtype}")
+            f.write(arr.astype(dtype).tobytes())
+            total += arr.size
+    return total
