@@ -47,16 +47,16 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 def _vocab_sweep_kernel(h_ptr, w_ptr, dh_ptr, dw_ptr, y_ptr,
                         max_ptr, sumexp_ptr, tsum_ptr, zy_ptr, dzy_ptr,
                         N, V, D, v_per_split, stride_h, stride_w,
-                        HAS_DH: tl.constexpr, HAS_DW: tl.constexpr, UPCAST: tl.constexpr,
-                        PRECISION: tl.constexpr,
+                        HAS_DH: tl.constexpr, HAS_DW: tl.constexpr, JVP: tl.constexpr,
+                        UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     """Partials over one vocabulary split for BLOCK_N tokens: max, sum exp, sum exp*z', z_y, z'_y."""
-    JVP: tl.constexpr = HAS_DH or HAS_DW
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     y = tl.load(y_ptr + rows, mask=row_ok, other=-100).to(tl.int32)
+    h_rows = rows.to(tl.int64)[:, None] * stride_h  # int64: N * d may pass 2**31
     run_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
     run_sum = tl.zeros([BLOCK_N], tl.float32)
     run_t = tl.zeros([BLOCK_N], tl.float32)
@@ -72,9 +72,9 @@ def _vocab_sweep_kernel(h_ptr, w_ptr, dh_ptr, dw_ptr, y_ptr,
         for k0 in range(0, D, BLOCK_D):
             ks = k0 + tl.arange(0, BLOCK_D)
             k_ok = ks < D
-            h_off = rows[:, None] * stride_h + ks[None, :]
+            h_off = h_rows + ks[None, :]
             h_mask = row_ok[:, None] & k_ok[None, :]
-            w_off = cols[None, :] * stride_w + ks[:, None]
+            w_off = cols.to(tl.int64)[None, :] * stride_w + ks[:, None]
             w_mask = col_ok[None, :] & k_ok[:, None]
             h = tl.load(h_ptr + h_off, mask=h_mask, other=0.0)
             w = tl.load(w_ptr + w_off, mask=w_mask, other=0.0)
@@ -113,14 +113,14 @@ def _logits_grad_kernel(h_ptr, w_ptr, y_ptr, lse_ptr, g_ptr, out_ptr,
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < N
     col_ok = cols < V
+    h_rows = rows.to(tl.int64)[:, None] * stride_h
+    w_cols = cols.to(tl.int64)[None, :] * stride_w
     z = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
     for k0 in range(0, D, BLOCK_D):
         ks = k0 + tl.arange(0, BLOCK_D)
         k_ok = ks < D
-        h = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                    other=0.0)
-        w = tl.load(w_ptr + cols[None, :] * stride_w + ks[:, None], mask=col_ok[None, :] & k_ok[:, None],
-                    other=0.0)
+        h = tl.load(h_ptr + h_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + w_cols + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
         z = _dot(h, w, z, UPCAST, PRECISION)
     y = tl.load(y_ptr + rows, mask=row_ok, other=-100).to(tl.int32)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
@@ -128,8 +128,8 @@ def _logits_grad_kernel(h_ptr, w_ptr, y_ptr, lse_ptr, g_ptr, out_ptr,
     p = tl.exp(z - lse[:, None])
     d = g[:, None] * (p - tl.where(cols[None, :] == y[:, None], 1.0, 0.0))
     d = tl.where((y != -100)[:, None], d, 0.0)
-    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], d.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+    out_off = rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
+    tl.store(out_ptr + out_off, d.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 _vocab_sweep_tuned = triton.autotune(configs=_forward_configs(), key=["V", "D", "HAS_DH", "HAS_DW"])(
@@ -138,8 +138,10 @@ _logits_grad_tuned = triton.autotune(configs=_forward_configs(), key=["V", "D"])
 
 
 def _precision(tensor):
-    """tl.dot precision for fp32 inputs: tf32 only where torch's own matmuls may use it."""
-    return "tf32" if tensor.is_cuda and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    """tl.dot input precision: fp32 inputs get tf32 only where torch's own matmuls may use it."""
+    if tensor.dtype != torch.float32 or (tensor.is_cuda and torch.backends.cuda.matmul.allow_tf32):
+        return "tf32"
+    return "ieee"
 
 
 def _num_splits(num_tokens, vocab_size, device):
@@ -175,7 +177,7 @@ def vocab_sweep(h, W, y, dh=None, dW=None):
     _launch(_vocab_sweep_tuned, _vocab_sweep_kernel, grid,
             h, W, h if dh is None else dh, W if dW is None else dW, y,
             run_max, run_sum, tsum, z_y, dz_y, N, V, D, v_per_split, h.stride(0), W.stride(0),
-            HAS_DH=dh is not None, HAS_DW=dW is not None, PRECISION=_precision(h))
+            HAS_DH=dh is not None, HAS_DW=dW is not None, JVP=jvp, PRECISION=_precision(h))
     top = run_max.max(dim=0).values
     weights = torch.exp(run_max - top)
     total = (run_sum * weights).sum(0)
