@@ -86,3 +86,16 @@ def test_torch_func_jvp_runs_the_fused_tangent_kernel():
     want_loss, want_dots = brute_sequence_dots(c)
     torch.testing.assert_close(loss, want_loss.to(loss.device), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(tangent, want_dots.to(loss.device), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [30.0, 1e-3])
+def test_large_and_tiny_logits_match_full_logits(scale):
+    """The online log-sum-exp stays exact when logits reach the hundreds or are all near 0."""
+    c = make_case(*SHAPES[2], device=DEVICE)
+    h = c["hidden"] * scale
+    loss, tangent = kernels.linear_cross_entropy_jvp(h, c["d_hidden"], c["weight"], c["d_weight"], c["targets"])
+    want_loss, want_tangent = torch.func.jvp(lambda a, b: brute_loss(a, b, c["targets"]), (h, c["weight"]),
+                                             (c["d_hidden"], c["d_weight"]))
+    assert torch.isfinite(loss).all() and torch.isfinite(tangent).all()
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(tangent, want_tangent, rtol=1e-4, atol=1e-4)
