@@ -31,6 +31,9 @@ def backend_name(tensor) -> str:
 def _backend(tensor):
     """The backend object (see kernels/linear_ce.py) for this tensor."""
     if backend_name(tensor) == "triton":
+        if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise DselError("DSEL_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1 in the environment "
+                            "before the first kernel call")
         from kernels.linear_ce_triton import TritonBackend
         return TritonBackend()
     return ReferenceBackend()

@@ -122,3 +122,19 @@ def test_cpu_tensors_use_the_reference_by_default(monkeypatch):
     assert kernels.backend_name(torch.zeros(1)) == "reference"
     monkeypatch.setenv("DSEL_KERNELS", "triton")
     assert kernels.backend_name(torch.zeros(1)) == "triton"
+
+
+def test_forward_mode_under_torch_compile():
+    """torch.func.jvp through the fused loss keeps its custom tangent when compiled (aot_eager)."""
+    c = make_case(*SHAPES[2])
+
+    def dots(h, W, dh, dW):
+        fn = lambda a, b: kernels.linear_cross_entropy(a, b, c["targets"], seq_ids=c["seq_ids"],
+                                                       num_seqs=c["num_seqs"])
+        return torch.func.jvp(fn, (h, W), (dh, dW))
+
+    loss, tangent = torch.compile(dots, backend="aot_eager")(c["hidden"], c["weight"], c["d_hidden"],
+                                                              c["d_weight"])
+    want_loss, want_dots = brute_sequence_dots(c)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tangent, want_dots, rtol=1e-4, atol=1e-5)
