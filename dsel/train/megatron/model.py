@@ -7,6 +7,8 @@ so weights move between the two with `dsel.train.megatron.convert`.
 from __future__ import annotations
 
 import importlib.util
+import os
+import socket
 
 import torch
 import torch.nn.functional as F
@@ -37,25 +39,28 @@ def check_parallel_sizes(config: GPTConfig, tp: int, pp: int, world_size: int, s
 
 
 def init_parallel(tp: int, pp: int) -> None:
-    """Start torch.distributed from torchrun's environment (gloo on CPU, nccl on GPU) and megatron's groups."""
+    """Start torch.distributed from torchrun's environment (gloo on CPU, nccl on GPU) and megatron's groups.
+
+    Without torchrun (no MASTER_ADDR) it starts a one-process group on a free local port.
+    """
     from megatron.core import parallel_state
 
     shim.activate()
     if not torch.distributed.is_initialized():
+        if "MASTER_ADDR" not in os.environ:
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(_env("LOCAL_RANK", "0")))
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend, rank=int(_env("RANK", "0")), world_size=int(_env("WORLD_SIZE", "1")),
-                                             init_method=f"tcp://{_env('MASTER_ADDR', '127.0.0.1')}:{_env('MASTER_PORT', '29500')}")
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo", init_method="env://")
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
 
 
-def _env(name: str, default: str) -> str:
-    import os
-
-    return os.environ.get(name, default)
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def seed_everything(seed: int) -> None:
