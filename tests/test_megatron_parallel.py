@@ -24,11 +24,18 @@ from tests._train_util import write_counting_dataset  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = {"vocab_size": 128, "seq_len": 16, "n_layer": 2, "d_model": 32, "n_head": 4, "n_query_groups": 2,
          "activation": "swiglu", "ffn_hidden": 64}
-LAYOUTS = {"tp2": {"tp": 2}, "pp2": {"pp": 2}, "dp2": {"distributed_optimizer": True}}
+# Each layout trains a variant of MODEL, so the runs also cover tied embeddings across pipeline
+# stages, rmsnorm, gelu and biases.
+LAYOUTS = {
+    "tp2": ({"tp": 2}, {}),
+    "pp2": ({"pp": 2}, {"tie_embeddings": True, "norm": "rmsnorm"}),
+    "dp2": ({"distributed_optimizer": True}, {"activation": "gelu", "bias": True, "n_query_groups": None}),
+}
 
 
-def settings(tmp_path, data, name, **overrides):
-    return {"data": [data], "valid": data, "out": str(tmp_path / name), "model": MODEL, "steps": 6, "batch_size": 4,
+def settings(tmp_path, data, name, model_changes, **overrides):
+    return {"data": [data], "valid": data, "out": str(tmp_path / name), "model": {**MODEL, **model_changes},
+            "steps": 6, "batch_size": 4,
             "grad_accum": 2, "lr": 1e-2, "min_lr": 1e-3, "warmup": 1, "eval_batches": 2, "device": "cpu",
             "backend": "megatron", **overrides}
 
@@ -61,23 +68,24 @@ def assert_same_weights(path_a: Path, path_b: Path) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The torch backend's run, and the megatron runs of every layout on 2 processes."""
+    """Per layout, the torch backend's run (<layout>-torch) and the megatron run on 2 processes (<layout>)."""
     tmp_path = tmp_path_factory.mktemp("megatron")
     data = write_counting_dataset(tmp_path / "train", vocab=MODEL["vocab_size"])
-    reference = settings(tmp_path, data, "torch", backend="torch")
-    torch_backend.train(from_dict(TrainConfig, reference))
-    torchrun(tmp_path, [settings(tmp_path, data, name, parallel=layout) for name, layout in LAYOUTS.items()])
+    for name, (_, changes) in LAYOUTS.items():
+        torch_backend.train(from_dict(TrainConfig, settings(tmp_path, data, f"{name}-torch", changes, backend="torch")))
+    torchrun(tmp_path, [settings(tmp_path, data, name, changes, parallel=layout)
+                        for name, (layout, changes) in LAYOUTS.items()])
     return tmp_path
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_torch_backend(runs, layout):
     losses, valid = read_log(runs / layout)
-    ref_losses, ref_valid = read_log(runs / "torch")
+    ref_losses, ref_valid = read_log(runs / f"{layout}-torch")
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.2  # it learns
     torch.testing.assert_close(losses, ref_losses, atol=1e-5, rtol=0)
     torch.testing.assert_close(valid, ref_valid, atol=1e-5, rtol=0)
-    assert_same_weights(runs / layout / "model", runs / "torch" / "model")
+    assert_same_weights(runs / layout / "model", runs / f"{layout}-torch" / "model")
 
 
 def test_data_parallel_replicas_agree(runs):
@@ -102,7 +110,7 @@ def test_bad_layout_is_one_line_error(changes, tp, pp, world, message):
 
 def test_train_refuses_layout_before_starting_processes(tmp_path):
     data = write_counting_dataset(tmp_path / "train", vocab=MODEL["vocab_size"])
-    cfg = from_dict(TrainConfig, settings(tmp_path, data, "bad", parallel={"tp": 2}))
+    cfg = from_dict(TrainConfig, settings(tmp_path, data, "bad", {}, parallel={"tp": 2}))
     with pytest.raises(DselError, match="world size 1 is not divisible by tp\\*pp = 2\\*1"):
         backend.train(cfg)
     assert not torch.distributed.is_initialized()

@@ -4,12 +4,12 @@
 
 Every rank builds the dsel GPT exactly as the torch backend does (seeded init, or `init`'s
 weights), keeps its own tensor/pipeline slice in a megatron GPTModel (local layer spec, or
-Transformer Engine's when installed), and trains it with megatron's DistributedDataParallel,
-its optimizer (`parallel.distributed_optimizer` shards the optimizer state over data-parallel
-ranks) and its pipeline schedules. Step s reads the torch backend's samples
-[s*B*A, (s+1)*B*A) (B = batch_size, A = grad_accum micro-batches); data-parallel rank r takes
-rows [r*B/dp, (r+1)*B/dp) of each micro-batch, so every layout computes the same loss, the
-same learning-rate schedule and the same clipped updates as the torch backend.
+Transformer Engine's when it is installed on a GPU machine), and trains it with megatron's
+DistributedDataParallel, its optimizer (`parallel.distributed_optimizer` shards the optimizer
+state over data-parallel ranks) and its pipeline schedules. Step s reads the torch backend's
+samples [s*B*A, (s+1)*B*A) (B = batch_size, A = grad_accum micro-batches); data-parallel rank r
+takes rows [r*B/dp, (r+1)*B/dp) of each micro-batch, so every layout computes the same loss,
+the same learning-rate schedule and the same clipped updates as the torch backend.
 
 Process groups are gloo on a CPU machine (with `dsel.train.megatron.shim`) and nccl on GPUs.
 Rank 0 writes the torch backend's out/ layout: log.jsonl, config.yaml and model/ (a dsel
@@ -67,7 +67,7 @@ def build_parallel_model(cfg: TrainConfig, gpt, bf16: bool):
     model = megatron_model.build_model(gpt.config, tp, pp, bf16)
     shard = convert.to_megatron(gpt.state_dict(), gpt.config, parallel_state.get_tensor_model_parallel_rank(), tp,
                                 parallel_state.get_pipeline_model_parallel_rank(), pp,
-                                te=megatron_model.has_transformer_engine())
+                                te=megatron_model.use_transformer_engine())
     convert.load_shard(model, shard)
     return Float16Module(model.config, model) if bf16 else model
 

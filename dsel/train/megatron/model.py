@@ -18,9 +18,9 @@ from dsel.models.config import GPTConfig
 from dsel.train.megatron import shim
 
 
-def has_transformer_engine() -> bool:
-    """Whether Transformer Engine is installed (then the TE layer spec is used)."""
-    return importlib.util.find_spec("transformer_engine") is not None
+def use_transformer_engine() -> bool:
+    """Whether to build with Transformer Engine's layer spec: it is installed and there is a GPU to run it."""
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
 def check_parallel_sizes(config: GPTConfig, tp: int, pp: int, world_size: int, source: str = "train config") -> None:
@@ -103,16 +103,16 @@ def transformer_config(config: GPTConfig, tp: int = 1, pp: int = 1, bf16: bool =
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=False,
         params_dtype=dtype, pipeline_dtype=dtype, bf16=bf16,
         use_cpu_initialization=not on_gpu, bias_activation_fusion=on_gpu and not swiglu and config.bias,
-        masked_softmax_fusion=on_gpu, bias_dropout_fusion=on_gpu, apply_rope_fusion=False,
+        masked_softmax_fusion=False, bias_dropout_fusion=on_gpu, apply_rope_fusion=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False,
     )
 
 
 def layer_spec(config: GPTConfig):
-    """Transformer Engine's layer spec when it is installed, megatron's local spec otherwise."""
+    """Transformer Engine's layer spec when it can run, megatron's local spec otherwise."""
     from megatron.core.models.gpt import gpt_layer_specs
 
-    if has_transformer_engine():
+    if use_transformer_engine():
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm" if config.norm == "rmsnorm" else "LayerNorm")
 
