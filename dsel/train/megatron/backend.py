@@ -248,6 +248,7 @@ def train(cfg: TrainConfig, sample_weights=None) -> Path:
     weights_of = sample_weights or (torch_backend.load_sample_weights(cfg.weights, num_samples) if cfg.weights else None)
     meta = {**torch_backend.data_meta(cfg.data), "data": list(cfg.data), "init": cfg.init, "train": to_dict(cfg)}
 
+    logging.getLogger("megatron.core").setLevel(logging.WARNING)  # it logs its whole config and every parameter name
     started_here = not torch.distributed.is_initialized()
     megatron_model.init_parallel(cfg.parallel.tp, cfg.parallel.pp)
     megatron_model.seed_everything(cfg.seed)

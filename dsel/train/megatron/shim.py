@@ -3,22 +3,23 @@
 megatron-core assumes CUDA in a handful of places that have nothing to do with the maths:
 it asks for the current CUDA device, keeps its dropout RNG streams as CUDA generator states,
 creates small bookkeeping tensors (token counts, norms, found-inf flags) with `device="cuda"`,
-synchronises streams, and tells fp32 parameters from 16-bit ones by their type *name*
-(`'torch.cuda.FloatTensor'`). `activate()` routes exactly those calls to the CPU.
+synchronises the device after pipeline exchanges, and tells fp32 parameters from 16-bit ones
+by their type *name* (`'torch.cuda.FloatTensor'`). `activate()` routes exactly those calls to
+the CPU (each patch below says where megatron needs it; without any one of them a TP/PP/DP run
+fails).
 
-It is a no-op when CUDA is available, and every call it reroutes would otherwise raise on a
-machine without CUDA, so it never changes what working code computes. Call it before building
-a megatron model; it is idempotent, and `deactivate()` restores the originals.
+It is a no-op when CUDA is available. Every call it reroutes, except the type-name query,
+would raise on a machine without CUDA, so it does not change what working code computes. Call
+it before building a megatron model; it is idempotent, and `deactivate()` restores the originals.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
 
 _CPU = torch.device("cpu")
-_FACTORIES = ("empty", "zeros", "ones", "full", "tensor", "arange")
+_FACTORIES = ("zeros", "ones", "tensor")  # the ones megatron calls with device="cuda"
 _originals: list[tuple[object, str, object]] = []  # (owner, attribute, original value), in patch order
 
 
@@ -34,7 +35,7 @@ def activate() -> bool:
     _route_current_device()
     _route_cuda_factories()
     _route_rng_tracker()
-    _silence_streams()
+    _skip_synchronize()
     _report_cuda_type_names()
     return True
 
@@ -60,10 +61,11 @@ def _is_cuda(device) -> bool:
 
 
 def _route_current_device() -> None:
-    """`torch.cuda.current_device()` -> the CPU device.
+    """`torch.cuda.current_device()` -> the CPU device, and `tensor.cuda()` -> the tensor itself.
 
-    megatron passes it as `device=` when allocating buffers (rotary inv_freq, p2p shape
-    tensors, grad buffers), so returning `cpu` puts those buffers on the CPU.
+    megatron passes current_device() as `device=` when allocating buffers (rotary inv_freq, p2p
+    shape tensors, grad buffers), and moves the tied embedding to `.cuda()` before all-reducing
+    it between the first and the last pipeline stage.
     """
     _patch(torch.cuda, "current_device", lambda: _CPU)
     _patch(torch.Tensor, "cuda", lambda self, *args, **kwargs: self)  # `.cuda()` copies stay on the CPU
@@ -73,7 +75,8 @@ def _route_cuda_factories() -> None:
     """`torch.zeros(..., device="cuda")` and friends -> the same tensor on the CPU.
 
     The schedules (total token count), clip_grads (norm, overflow buffer), the optimizer
-    (found-inf flag, loss scale) and the grad buffers create small tensors this way.
+    (found-inf flag, loss scale) and the grad buffers create small tensors this way. Only the
+    device is changed, so other calls of these functions behave exactly as before.
     """
     for name in _FACTORIES:
         original = getattr(torch, name)
@@ -99,20 +102,9 @@ def _route_rng_tracker() -> None:
     _patch(random, "_set_cuda_rng_state", lambda state, *args, **kwargs: torch.set_rng_state(state))
 
 
-def _silence_streams() -> None:
-    """Stream/synchronise/cache calls have nothing to do on a CPU: make them no-ops."""
+def _skip_synchronize() -> None:
+    """`torch.cuda.synchronize()` (after pipeline p2p exchanges) has nothing to wait for on a CPU."""
     _patch(torch.cuda, "synchronize", lambda *args, **kwargs: None)
-    _patch(torch.cuda, "empty_cache", lambda: None)
-    _patch(torch.cuda, "Stream", lambda *args, **kwargs: None)
-    _patch(torch.cuda, "default_stream", lambda *args, **kwargs: _NullStream())
-    _patch(torch.cuda, "stream", lambda stream=None: contextlib.nullcontext())
-
-
-class _NullStream:
-    """Stands in for the default CUDA stream: waiting on another stream is a no-op."""
-
-    def wait_stream(self, stream) -> None:
-        pass
 
 
 def _report_cuda_type_names() -> None:
