@@ -25,12 +25,15 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = {"vocab_size": 128, "seq_len": 16, "n_layer": 2, "d_model": 32, "n_head": 4, "n_query_groups": 2,
          "activation": "swiglu", "ffn_hidden": 64}
 # Each layout trains a variant of MODEL, so the runs also cover tied embeddings across pipeline
-# stages, rmsnorm, gelu and biases.
+# stages, rmsnorm, gelu and biases; the bf16 run (megatron's bf16 weights with fp32 main params vs
+# the torch backend's bf16 autocast) matches to bf16 precision only.
 LAYOUTS = {
     "tp2": ({"tp": 2}, {}),
     "pp2": ({"pp": 2}, {"tie_embeddings": True, "norm": "rmsnorm"}),
     "dp2": ({"distributed_optimizer": True}, {"activation": "gelu", "bias": True, "n_query_groups": None}),
+    "pp2-bf16": ({"pp": 2}, {}),
 }
+PRECISION = {"pp2-bf16": "bf16"}
 
 
 def settings(tmp_path, data, name, model_changes, **overrides):
@@ -72,13 +75,14 @@ def runs(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("megatron")
     data = write_counting_dataset(tmp_path / "train", vocab=MODEL["vocab_size"])
     for name, (_, changes) in LAYOUTS.items():
-        torch_backend.train(from_dict(TrainConfig, settings(tmp_path, data, f"{name}-torch", changes, backend="torch")))
-    torchrun(tmp_path, [settings(tmp_path, data, name, changes, parallel=layout)
+        torch_backend.train(from_dict(TrainConfig, settings(tmp_path, data, f"{name}-torch", changes, backend="torch",
+                                                            precision=PRECISION.get(name, "fp32"))))
+    torchrun(tmp_path, [settings(tmp_path, data, name, changes, parallel=layout, precision=PRECISION.get(name, "fp32"))
                         for name, (layout, changes) in LAYOUTS.items()])
     return tmp_path
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", [name for name in LAYOUTS if name not in PRECISION])
 def test_layout_matches_torch_backend(runs, layout):
     losses, valid = read_log(runs / layout)
     ref_losses, ref_valid = read_log(runs / f"{layout}-torch")
@@ -86,6 +90,14 @@ def test_layout_matches_torch_backend(runs, layout):
     torch.testing.assert_close(losses, ref_losses, atol=1e-5, rtol=0)
     torch.testing.assert_close(valid, ref_valid, atol=1e-5, rtol=0)
     assert_same_weights(runs / layout / "model", runs / f"{layout}-torch" / "model")
+
+
+def test_bf16_matches_torch_backend_autocast(runs):
+    losses, valid = read_log(runs / "pp2-bf16")
+    ref_losses, ref_valid = read_log(runs / "pp2-bf16-torch")
+    assert losses[-1] < losses[0] - 0.2
+    torch.testing.assert_close(losses, ref_losses, atol=3e-2, rtol=0)
+    torch.testing.assert_close(valid, ref_valid, atol=3e-2, rtol=0)
 
 
 def test_data_parallel_replicas_agree(runs):
