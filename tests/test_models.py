@@ -157,3 +157,20 @@ def test_presets_validate_and_count_parameters():
     assert abs(preset("pds-160m").num_params() - 162e6) / 162e6 < 0.05
     with pytest.raises(DselError, match="not divisible"):
         GPT(small_config(n_head=5))
+
+
+def test_pds_example_dots_through_gpt_equal_brute_force_autograd():
+    """The PMP backward's per-example grad·lambda runs through the real GPT (forward mode, fp64)."""
+    from dsel.pds.functional import FunctionalLM
+
+    torch.manual_seed(6)
+    model = GPT(small_config(activation="swiglu", n_query_groups=2)).double()
+    lm = FunctionalLM(model)
+    params = lm.initial_params()
+    vector = {k: torch.randn_like(v) for k, v in params.items()}
+    tokens = torch.randint(0, 97, (3, 9))
+    _, dots = lm.example_dots(params, tokens, vector)
+    for i in range(3):
+        grads = torch.autograd.grad(model.loss(tokens[i:i + 1]), [p for _, p in lm.trunk.named_parameters()])
+        expected = sum((g * vector[name]).sum() for (name, _), g in zip(lm.trunk.named_parameters(), grads))
+        torch.testing.assert_close(dots[i].double(), expected.double(), rtol=1e-6, atol=1e-8)

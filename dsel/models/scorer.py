@@ -33,8 +33,11 @@ class Scorer(nn.Module):
 
     @classmethod
     def from_gpt(cls, gpt: GPT) -> "Scorer":
-        """A scorer whose trunk (embedding + decoder) is a copy of `gpt`'s, on gpt's device and dtype."""
-        scorer = cls(gpt.config).to(device=gpt.head_weight.device, dtype=gpt.head_weight.dtype)
+        """A scorer whose trunk (embedding + decoder) is a copy of `gpt`'s, on gpt's device and dtype.
+
+        Its context is one token longer than the LM's: it reads whole training windows (seq_len + 1).
+        """
+        scorer = cls(replace(gpt.config, seq_len=gpt.config.seq_len + 1)).to(device=gpt.head_weight.device, dtype=gpt.head_weight.dtype)
         trunk = {k: v for k, v in gpt.state_dict().items() if not k.startswith("output_layer.")}
         scorer.trunk.load_state_dict(trunk)
         return scorer
