@@ -1,6 +1,9 @@
 """A tiny corpus and a model-free scorer for the score-engine tests (exact integer-valued scores)."""
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
 import torch
 
@@ -38,9 +41,9 @@ class FakeScorer:
 
     columns = ["total", "first"]
 
-    def __init__(self, fail_after: int | None = None, vocab_size: int | None = None):
+    def __init__(self, fail_after: int | None = None, vocab_size: int | None = None, exit_after: int | None = None):
         self.calls = 0
-        self.fail_after = fail_after
+        self.fail_after, self.exit_after = fail_after, exit_after
         if vocab_size is not None:
             self.vocab_size = vocab_size
 
@@ -49,9 +52,24 @@ class FakeScorer:
         self.calls += 1
         if self.fail_after is not None and self.calls > self.fail_after:
             raise RuntimeError(f"scorer killed after {self.fail_after} batches")
+        if self.exit_after is not None and self.calls > self.exit_after:
+            os._exit(3)  # like a kill: no cleanup, no exception handling
         return {"total": (tokens.sum(1) % 997).float(), "first": tokens[:, 0].float() / 2}
 
 
+BUILT: list[FakeScorer] = []
+
+
 def build_fake_scorer(settings: dict, device) -> FakeScorer:
-    """Registry-style builder (used as `scorer=tests._score_util:build_fake_scorer`)."""
-    return FakeScorer(**settings)
+    """Registry-style builder (`scorer=tests._score_util:build_fake_scorer`); DSEL_TEST_EXIT_AFTER=k
+    makes the process die after k batches without changing the scoring config."""
+    exit_after = os.environ.get("DSEL_TEST_EXIT_AFTER")
+    BUILT.append(FakeScorer(**settings, exit_after=int(exit_after) if exit_after else None))
+    return BUILT[-1]
+
+
+if __name__ == "__main__":  # torchrun -m tests._score_util PREFIX WINDOW OUT: the library API under torchrun
+    from dsel.score.engine import score_windows
+
+    prefix, window, out = sys.argv[1:]
+    score_windows(open_corpus(prefix, int(window)), FakeScorer(), out, batch_size=3, shard_size=7)

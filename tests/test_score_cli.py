@@ -11,7 +11,8 @@ from dsel.cli import all_commands, main, with_default_subcommand
 from dsel.errors import DselError
 from dsel.io import read_json
 from dsel.score import scorers
-from tests._score_util import FakeScorer, build_fake_scorer, make_corpus
+from dsel.score.engine import score_windows
+from tests._score_util import BUILT, FakeScorer, build_fake_scorer, make_corpus, open_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE = "tests._score_util:build_fake_scorer"
@@ -54,18 +55,43 @@ def test_dsel_score_and_merge_commands(tmp_path, capsys):
     assert "unknown scorer 'missing'" in capsys.readouterr().err
 
 
+def torchrun(args, nproc=2, env=()):
+    """Run `python -m torch.distributed.run ... ARGS` from the repository root; returns the result."""
+    env = {**os.environ, "DSEL_PROGRESS": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **dict(env)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
 def test_torchrun_two_ranks_equal_one_rank(tmp_path):
-    make_corpus(tmp_path / "corpus", num_docs=60)
-    env = {**os.environ, "DSEL_PROGRESS": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    tables = {}
-    for nproc in (1, 2):
-        out = tmp_path / f"out{nproc}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "dsel",
-               "score", f"data={tmp_path / 'corpus'}", "window=5", f"scorer={FAKE}", f"out={out}", "shard_size=7",
-               "batch_size=3", "device=cpu"]
-        result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    prefix = tmp_path / "corpus"
+    make_corpus(prefix, num_docs=60)
+    single = score_windows(open_corpus(prefix, 5), FakeScorer(), tmp_path / "one", batch_size=4, shard_size=7)
+    launches = {  # the command (creates the process group) and the library API (joins torchrun's)
+        "cli": ["-m", "dsel", "score", f"data={prefix}", "window=5", f"scorer={FAKE}", "shard_size=7", "batch_size=3",
+                "device=cpu", f"out={tmp_path / 'cli'}"],
+        "api": ["-m", "tests._score_util", str(prefix), "5", str(tmp_path / "api")],
+    }
+    for name, args in launches.items():
+        result = torchrun(args)
         assert result.returncode == 0, result.stderr[-3000:]
-        workers = {read_json(p)["worker"] for p in (out / "shards").glob("shard-*.json")}
-        assert workers == {f"rank {r}, cpu" for r in range(nproc)}
-        tables[nproc] = pq.read_table(out / "scores.parquet")
-    assert tables[2].equals(tables[1])
+        out = tmp_path / name
+        workers = {read_json(p)["worker"].split(",")[0] for p in (out / "shards").glob("shard-*.json")}
+        assert workers == {"rank 0", "rank 1"}
+        assert pq.read_table(out / "scores.parquet").equals(pq.read_table(single))
+
+
+def test_killed_process_resumes_without_rescoring(tmp_path):
+    prefix = tmp_path / "corpus"
+    make_corpus(prefix)
+    clean = score_windows(open_corpus(prefix, 6), FakeScorer(), tmp_path / "clean", batch_size=4, shard_size=8)
+    args = ["score", f"data={prefix}", "window=6", f"scorer={FAKE}", "shard_size=8", "batch_size=4", "device=cpu",
+            f"out={tmp_path / 'out'}"]
+    env = {**os.environ, "DSEL_PROGRESS": "0", "PYTHONPATH": str(ROOT), "DSEL_TEST_EXIT_AFTER": "5"}
+    result = subprocess.run([sys.executable, "-m", "dsel", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert len(list((tmp_path / "out" / "shards").glob("shard-*.json"))) == 2
+    main(args)
+    windows = len(open_corpus(prefix, 6))
+    unfinished = [min(8, windows - start) for start in range(16, windows, 8)]  # shards 2, 3, ...
+    assert BUILT[-1].calls == sum(-(-size // 4) for size in unfinished)
+    assert pq.read_table(tmp_path / "out" / "scores.parquet").equals(pq.read_table(clean))

@@ -113,7 +113,7 @@ def test_resume_after_a_crash_scores_only_unfinished_shards(corpus, tmp_path):
     assert again.calls == 0
 
 
-def test_ranks_without_process_group_merge_when_all_shards_exist(corpus, tmp_path):
+def test_explicit_ranks_without_process_group(corpus, tmp_path):
     prefix, _ = corpus
     windows = open_corpus(prefix, WINDOW)
     single = score_windows(windows, FakeScorer(), tmp_path / "one", batch_size=4, shard_size=5)
@@ -124,6 +124,11 @@ def test_ranks_without_process_group_merge_when_all_shards_exist(corpus, tmp_pat
     assert markers and all(k % 2 == 1 for k in markers)
     path = score_windows(windows, FakeScorer(), out, batch_size=4, shard_size=5, rank=0, world_size=2)
     assert pq.read_table(path).equals(pq.read_table(single))
+    late = tmp_path / "late"  # rank 0 first: it cannot merge, rank 1 does not, `merge_scores` does
+    score_windows(windows, FakeScorer(), late, batch_size=4, shard_size=5, rank=0, world_size=2)
+    score_windows(windows, FakeScorer(), late, batch_size=4, shard_size=5, rank=1, world_size=2)
+    assert not (late / "scores.parquet").exists()
+    assert pq.read_table(merge_scores(late)).equals(pq.read_table(single))
 
 
 def test_merge_names_a_missing_or_duplicated_shard(corpus, tmp_path):

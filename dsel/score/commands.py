@@ -65,11 +65,11 @@ def open_windows(path: str, window: int, memmap_dtype: str):
 
 
 def start_distributed(device: str):
-    """(device, whether this call created the process group): joins torchrun's group when launched by it."""
-    import datetime
-
+    """(device, whether this call created the process group): under torchrun, joins its group and
+    picks cuda:LOCAL_RANK for device auto/cuda when GPUs exist."""
     import torch
-    import torch.distributed as dist
+
+    from dsel.score.engine import join_torchrun
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     gpu = device != "cpu" and torch.cuda.is_available()
@@ -80,12 +80,7 @@ def start_distributed(device: str):
         if not torch.cuda.is_available():
             raise DselError(f"device={device} but no GPU is available")
         torch.cuda.set_device(device)
-    if world <= 1 or dist.is_initialized():
-        return device, False
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    # a rank that finishes its shards early waits at the barrier for the slowest one
-    dist.init_process_group(backend, timeout=datetime.timedelta(hours=24))
-    return device, True
+    return device, join_torchrun(device)
 
 
 def run_score(cfg: ScoreCommandConfig) -> Path:

@@ -18,9 +18,11 @@ scoring configuration are refused, never mixed.
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -138,6 +140,20 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return rank, world_size
 
 
+def join_torchrun(device=None) -> bool:
+    """Create the process group torchrun's environment describes (gloo, or nccl for a CUDA device),
+    unless there is none to join or one exists; returns whether it was created here."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        return False
+    backend = "nccl" if device is not None and torch.device(device).type == "cuda" else "gloo"
+    # a rank that finishes its shards early waits at the barrier for the slowest one
+    dist.init_process_group(backend, timeout=datetime.timedelta(hours=24))
+    return True
+
+
 def shard_done(out: Path, k: int, fingerprint: str) -> bool:
     """Whether shard k is finished (marker + file); a marker of another job is an error."""
     marker = marker_file(out, k)
@@ -206,32 +222,41 @@ def score_windows(windows: Windows, scorer, out_dir, batch_size: int, shard_size
                   meta: dict | None = None, rank: int | None = None, world_size: int | None = None) -> Path:
     """Score every window into `out_dir` (this rank's shards), then merge; returns out_dir/scores.parquet.
 
-    Ranks come from torch.distributed when not given. With a process group, all ranks meet at a
-    barrier and rank 0 merges; without one (e.g. independent array jobs), the rank that finds every
-    shard finished merges, and `dsel score merge` can merge later.
+    `device` is where the scorer runs (recorded per shard). Without explicit ranks, they come from
+    torch.distributed, joining torchrun's process group when launched by torchrun without one; all
+    ranks then meet at a barrier and rank 0 merges. With explicit ranks and no process group (e.g.
+    independent array jobs), rank 0 merges if every shard is finished, else `dsel score merge` does.
     """
-    rank, world_size = resolve_rank(rank, world_size)
-    if batch_size <= 0:
-        raise DselError(f"batch_size must be positive, got {batch_size}")
-    if hasattr(scorer, "check_window"):
-        scorer.check_window(windows.window)
-    out = Path(out_dir)
-    job = open_job(out, windows, list(scorer.columns), shard_size, batch_size, meta or {})
-    owned = list(range(rank, num_shards(job), world_size))
-    todo = [k for k in owned if not shard_done(out, k, job["fingerprint"])]
-    remove_stale_temps(out, todo)
-    total, remaining = count_windows(job, owned), count_windows(job, todo)
-    log.info("rank %d/%d: %d of %d shards to score (%d windows of %d tokens)", rank, world_size, len(todo),
-             len(owned), remaining, windows.window)
-    with progress(total=total, initial=total - remaining, unit="win", desc=f"score rank {rank}",
-                  position=rank) as bar:
-        for k in todo:
-            score_shard(windows, scorer, out, job, k, batch_size, f"rank {rank}, {device or 'cpu'}", bar)
-    return finish(out, windows, rank)
+    created = join_torchrun(device) if rank is None and world_size is None else False
+    try:
+        rank, world_size = resolve_rank(rank, world_size)
+        if batch_size <= 0:
+            raise DselError(f"batch_size must be positive, got {batch_size}")
+        if hasattr(scorer, "check_window"):
+            scorer.check_window(windows.window)
+        out = Path(out_dir)
+        job = open_job(out, windows, list(scorer.columns), shard_size, batch_size, meta or {})
+        owned = list(range(rank, num_shards(job), world_size))
+        todo = [k for k in owned if not shard_done(out, k, job["fingerprint"])]
+        remove_stale_temps(out, todo)
+        total, remaining = count_windows(job, owned), count_windows(job, todo)
+        log.info("rank %d/%d: %d of %d shards to score (%d windows of %d tokens)", rank, world_size, len(todo),
+                 len(owned), remaining, windows.window)
+        worker = f"rank {rank}, {device or 'cpu'}"
+        with progress(total=total, initial=total - remaining, unit="win", desc=f"score rank {rank}",
+                      position=rank) as bar:
+            for k in todo:
+                score_shard(windows, scorer, out, job, k, batch_size, worker, bar)
+        return finish(out, windows, rank)
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 def finish(out: Path, windows: Windows, rank: int) -> Path:
-    """Merge once every shard is done: after a barrier on rank 0, or here when all markers exist."""
+    """Rank 0 merges: after a barrier in a process group, else only if every shard is finished."""
     import torch.distributed as dist
 
     table = out / "scores.parquet"
@@ -243,11 +268,11 @@ def finish(out: Path, windows: Windows, rank: int) -> Path:
         return table
     job = read_json(job_path(out))
     pending = [k for k in range(num_shards(job)) if not shard_done(out, k, job["fingerprint"])]
-    if pending:
-        log.info("%d shards still to score by other ranks (first: %d); merge with `dsel score merge out=%s`",
-                 len(pending), pending[0], out)
-        return table
-    return merge_scores(out, windows)
+    if rank == 0 and not pending:
+        return merge_scores(out, windows)
+    log.info("rank %d done; %d shards still to score (first: %d); merge with `dsel score merge out=%s` when all are "
+             "done", rank, len(pending), pending[0] if pending else -1, out)
+    return table
 
 
 # ----- merge -----------------------------------------------------------------------------------------
