@@ -210,3 +210,25 @@ def test_open_windows_inputs(corpus, tmp_path):
     np.testing.assert_array_equal(memmap.doc_of_window, open_corpus(prefix, WINDOW).doc_of_window)
     path = score_windows(memmap, FakeScorer(), tmp_path / "raw", batch_size=4)
     assert "doc_id" not in pq.read_table(path).schema.names
+
+
+def test_merge_reopens_a_relative_corpus_from_anywhere(corpus, tmp_path, monkeypatch):
+    prefix, docs = corpus
+    monkeypatch.chdir(tmp_path)
+    score_windows(open_windows("corpus", WINDOW, "uint16"), FakeScorer(), "out", batch_size=4)
+    first = pq.read_table(tmp_path / "out" / "scores.parquet")
+    monkeypatch.chdir(tmp_path / "out")
+    (tmp_path / "out" / "scores.parquet").unlink()
+    assert pq.read_table(merge_scores(tmp_path / "out")).equals(first)
+    owner = np.concatenate([np.full(len(d), k) for k, d in enumerate(docs)])[: first.num_rows * WINDOW]
+    assert read_json(tmp_path / "out" / "scores.json")["num_documents"] == len(np.unique(owner))
+
+
+def test_scorer_columns_must_not_clash_with_table_columns(corpus, tmp_path):
+    prefix, _ = corpus
+
+    class Clash(FakeScorer):
+        columns = ["tokens"]
+
+    with pytest.raises(DselError, match=r"scorer columns \['tokens'\] must be distinct"):
+        score_windows(open_corpus(prefix, WINDOW), Clash(), tmp_path / "out", batch_size=4)

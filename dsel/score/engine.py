@@ -37,6 +37,7 @@ from dsel.score.stats import column_stats, table_stats
 log = logging.getLogger(__name__)
 
 SHARDS = "shards"
+RESERVED = ("window", "doc", "doc_id", "tokens", "domain", "windows")  # table columns no score may take
 DEFAULT_SHARD_BATCHES = 64  # shard_size=None: this many batches per shard
 
 
@@ -53,7 +54,7 @@ def corpus_prefix(source) -> str:
 def corpus_info(source) -> dict:
     """Enough to reopen the corpus for a later merge, and to notice it changed."""
     kind = "indexed" if hasattr(source, "prefix") else "memmap"
-    return {"kind": kind, "path": source_name(source), "tokens": int(len(source.stream)),
+    return {"kind": kind, "path": os.path.abspath(source_name(source)), "tokens": int(len(source.stream)),
             "dtype": np.dtype(source.dtype).str, "eos_id": getattr(source, "eos_id", None)}
 
 
@@ -74,6 +75,16 @@ def job_spec(windows: Windows, columns: list[str], shard_size: int, meta: dict) 
 
 def job_path(out: Path) -> Path:
     return out / SHARDS / "job.json"
+
+
+def read_job(out: Path) -> dict:
+    """shards/job.json of a score directory (DselError when it was never scored)."""
+    return read_json(require_file(job_path(out), "score job (run `dsel score` first)"))
+
+
+def table_info(job: dict) -> dict:
+    """What a score table records about its job (parquet metadata and scores.json)."""
+    return {"fingerprint": job["fingerprint"], "corpus": job["corpus"]["path"], "window": job["window"]}
 
 
 def shard_file(out: Path, k: int) -> Path:
@@ -117,6 +128,9 @@ def open_job(out: Path, windows: Windows, columns: list[str], shard_size: int | 
         shard_size = old["shard_size"] if old else DEFAULT_SHARD_BATCHES * batch_size
     if shard_size <= 0:
         raise DselError(f"shard_size must be positive, got {shard_size}")
+    clashes = [name for name in columns if name in RESERVED]
+    if clashes or len(set(columns)) != len(columns) or not columns:
+        raise DselError(f"scorer columns {columns} must be distinct, non-empty and not {', '.join(RESERVED)}")
     job = job_spec(windows, columns, shard_size, meta)
     if old is not None and old.get("fingerprint") != job["fingerprint"]:
         raise file_error(path, f"shards of another scoring config ({mismatch(old, job)}); "
@@ -266,7 +280,7 @@ def finish(out: Path, windows: Windows, rank: int) -> Path:
             merge_scores(out, windows)
         dist.barrier()
         return table
-    job = read_json(job_path(out))
+    job = read_job(out)
     pending = [k for k in range(num_shards(job)) if not shard_done(out, k, job["fingerprint"])]
     if rank == 0 and not pending:
         return merge_scores(out, windows)
@@ -397,7 +411,7 @@ def write_parquet(table, path: Path, info: dict) -> None:
 def merge_scores(out_dir, windows: Windows | None = None) -> Path:
     """Check coverage and write scores.parquet, scores.json and doc_scores.parquet; returns the first."""
     out = Path(out_dir)
-    job = read_json(require_file(job_path(out), "score job (run `dsel score` first)"))
+    job = read_job(out)
     windows = windows if windows is not None else reopen_windows(job)
     if len(windows) != job["num_windows"] or windows.window != job["window"]:
         raise DselError(f"{windows}: does not match the scored job ({job['num_windows']} windows of {job['window']})")
@@ -406,16 +420,16 @@ def merge_scores(out_dir, windows: Windows | None = None) -> Path:
     columns = load_shards(out, job)
     doc_ids, domains = document_labels(windows, job["meta"])
     table = score_table(windows, columns, doc_ids, domains)
-    info = {"fingerprint": job["fingerprint"], "corpus": job["corpus"]["path"], "window": job["window"]}
-    write_parquet(table, out / "scores.parquet", info)
+    write_parquet(table, out / "scores.parquet", table_info(job))
+    doc_table = doc_score_table(windows, columns, doc_ids, domains)
+    write_parquet(doc_table, out / "doc_scores.parquet", table_info(job))
     window_domains = table.column("domain").to_numpy(zero_copy_only=False) if domains is not None else None
     write_json(out / "scores.json", {
-        **info, "meta": job["meta"], "columns": job["columns"], "num_windows": job["num_windows"],
-        "num_shards": num_shards(job), "shard_size": job["shard_size"],
+        **table_info(job), "meta": job["meta"], "columns": job["columns"], "num_windows": job["num_windows"],
+        "num_documents": doc_table.num_rows, "num_shards": num_shards(job), "shard_size": job["shard_size"],
         "has_doc_id": doc_ids is not None, "has_domain": domains is not None,
         "stats": table_stats(columns, np.full(len(windows), windows.window), window_domains),
     })
-    write_parquet(doc_score_table(windows, columns, doc_ids, domains), out / "doc_scores.parquet", info)
     log.info("merged %d shards: %d windows x %s -> %s", num_shards(job), len(windows), job["columns"],
              out / "scores.parquet")
     return out / "scores.parquet"
@@ -465,12 +479,11 @@ def write_doc_scores(out_dir, windows: Windows | None = None) -> Path:
     import pyarrow.parquet as pq
 
     out = Path(out_dir)
-    job = read_json(require_file(job_path(out), "score job (run `dsel score` first)"))
+    job = read_job(out)
     windows = windows if windows is not None else reopen_windows(job)
     table = pq.read_table(require_file(out / "scores.parquet", "score table (run `dsel score merge`)"))
     columns = {name: table.column(name).to_numpy() for name in job["columns"]}
     doc_ids, domains = document_labels(windows, job["meta"])
     path = out / "doc_scores.parquet"
-    write_parquet(doc_score_table(windows, columns, doc_ids, domains), path,
-                  {"fingerprint": job["fingerprint"], "corpus": job["corpus"]["path"], "window": job["window"]})
+    write_parquet(doc_score_table(windows, columns, doc_ids, domains), path, table_info(job))
     return path
