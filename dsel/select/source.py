@@ -112,7 +112,7 @@ def open_scores(scores: str | Path, window_tokens: int = 0):
         if not path.is_file():
             raise file_error(path, "score file not found")
         if window_tokens <= 0:
-            raise file_error(path, "a .npy of scores carries no window length; give the corpus or window=")
+            raise file_error(path, "a .npy of scores records no window length; set window=")
         return NpyScores(path, window_tokens)
     return ParquetScores(table_path(scores))
 
