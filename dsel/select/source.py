@@ -18,38 +18,44 @@ NPY_COLUMN = "score"
 
 
 class ParquetScores:
-    """The merged score table (`scores.parquet`: window, doc, doc_id, tokens, domain, float scores)."""
+    """The merged score table (`scores.parquet`: window, doc, doc_id, tokens, domain, float scores).
+
+    `path` is one parquet file or a directory of parquet parts read in name order.
+    """
 
     def __init__(self, path: Path):
         import pyarrow as pa
-        import pyarrow.dataset as ds
+        import pyarrow.parquet as pq
 
         self.path = path
+        self.files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+        if not self.files:
+            raise file_error(path, "no .parquet files in the score table directory")
         try:
-            self._dataset = ds.dataset(str(path), format="parquet")
-            schema = self._dataset.schema
+            self._files = [pq.ParquetFile(f, pre_buffer=False) for f in self.files]
         except (pa.ArrowInvalid, OSError) as e:
             raise file_error(path, f"not a readable parquet table ({str(e).splitlines()[0]})") from None
-        names = set(schema.names)
+        schema = self._files[0].schema_arrow
         for required in ("window", "tokens"):
-            if required not in names:
+            if required not in schema.names:
                 raise file_error(path, f"score table has no '{required}' column (columns: {', '.join(schema.names)})")
         self.columns = [f.name for f in schema if pa.types.is_floating(f.type) and f.name not in ID_COLUMNS]
-        self.has_domain = "domain" in names
-        self.num_rows = self._dataset.count_rows()
+        self.has_domain = "domain" in schema.names
+        self.num_rows = sum(f.metadata.num_rows for f in self._files)
 
     def chunks(self, columns: list[str], chunk_rows: int, domain: bool = False) -> Iterator[dict]:
         """Stream `window`, `tokens` and `columns` (and `domain`) in chunks of at most chunk_rows rows."""
         wanted = ["window", "tokens", *columns] + (["domain"] if domain and self.has_domain else [])
-        for batch in self._dataset.to_batches(columns=wanted, batch_size=chunk_rows, use_threads=True):
-            if batch.num_rows == 0:
-                continue
-            chunk = {name: _numpy(batch.column(name), self.path, name) for name in wanted if name != "domain"}
-            chunk["window"] = chunk["window"].astype(np.int64, copy=False)
-            chunk["tokens"] = chunk["tokens"].astype(np.int64, copy=False)
-            if "domain" in wanted:
-                chunk["domain"] = batch.column("domain")
-            yield chunk
+        for file in self._files:  # page by page, without buffering whole row groups ahead
+            for batch in file.iter_batches(batch_size=chunk_rows, columns=wanted):
+                if batch.num_rows == 0:
+                    continue
+                chunk = {name: _numpy(batch.column(name), self.path, name) for name in wanted if name != "domain"}
+                chunk["window"] = chunk["window"].astype(np.int64, copy=False)
+                chunk["tokens"] = chunk["tokens"].astype(np.int64, copy=False)
+                if "domain" in wanted:
+                    chunk["domain"] = batch.column("domain")
+                yield chunk
 
 
 class NpyScores:
