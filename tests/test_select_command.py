@@ -120,6 +120,8 @@ def test_random_without_column_and_no_corpus(corpus, tmp_path):
     (dict(column="color + 1"), "expected 'name', '-name' or 'name_a - name_b'"),
     (dict(), "3 score columns (loss_prior, loss_cond, color); choose one with column="),
     (dict(method="color-batch", column="color", token_budget=100), "takes no token_budget"),
+    (dict(column="color", fraction=0.5, token_budget=100), "set either fraction= or token_budget=, not both"),
+    (dict(column="color", window=WINDOW + 1), f"window={WINDOW + 1}: the scores were computed on windows of {WINDOW} tokens"),
 ])
 def test_bad_settings_are_one_line_errors(corpus, tmp_path, settings, message):
     prefix, scores, _, _ = corpus
@@ -151,6 +153,18 @@ def test_bad_inputs_name_the_file(corpus, tmp_path):
     with pytest.raises(DselError, match="bad.parquet: not a readable parquet table"):
         run(scores=str(tmp_path / "bad.parquet"), corpus=str(prefix), window=WINDOW, out=str(tmp_path / "o"))
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda w: np.where(w == 3, 10**6, w), "window id 1000000 is outside the corpus's"),
+    (lambda w: np.where(w == 3, 4, w), "window 3 has no score"),
+])
+def test_bad_window_ids_in_table(corpus, tmp_path, change, message):
+    prefix, scores, windows, table = corpus
+    window = change(table.column("window").to_numpy())
+    pq.write_table(table.set_column(0, "window", pa.array(window)), scores / "scores.parquet", row_group_size=50)
+    with pytest.raises(DselError, match=message):
+        run(scores=str(scores), corpus=str(prefix), column="color", out=str(tmp_path / "o"))
 
 
 def test_cli_exits_2_with_one_line(corpus, tmp_path, capsys):

@@ -60,6 +60,8 @@ def check_settings(cfg: SelectConfig) -> None:
         raise DselError(f"method={cfg.method} keeps 1/tau of the pool; set tau= instead of fraction=")
     if cfg.token_budget < 0:
         raise DselError(f"token_budget={cfg.token_budget}: must be >= 0")
+    if cfg.token_budget and cfg.fraction is not None:
+        raise DselError("set either fraction= or token_budget=, not both")
     if cfg.method == "color-batch" and cfg.token_budget:
         raise DselError("method=color-batch keeps n of each tau*n draw; it takes no token_budget (use method=color)")
     if cfg.temperature < 0:
@@ -88,10 +90,11 @@ def window_length(cfg: SelectConfig) -> int:
     """cfg.window, else the window the score stage recorded in scores.json (0 when unknown)."""
     from dsel.select.source import table_meta
 
-    if cfg.window:
-        return cfg.window
     meta = table_meta(cfg.scores)
-    return int(meta.get("window") or meta.get("meta", {}).get("window") or 0)
+    recorded = int(meta.get("window") or meta.get("meta", {}).get("window") or 0)
+    if cfg.window and recorded and cfg.window != recorded:
+        raise DselError(f"window={cfg.window}: the scores were computed on windows of {recorded} tokens (scores.json)")
+    return cfg.window or recorded
 
 
 def run_select(cfg: SelectConfig) -> Path:
@@ -131,10 +134,8 @@ def write_histogram(path: Path, selection, plan) -> str | None:
     """The key histogram with the threshold line; None when there is nothing to plot (random, no column)."""
     if len(selection.sample) == 0:
         return None
-    try:
-        from dsel.score.stats import score_histogram
-    except ImportError:
-        from dsel.select.plot import score_histogram
+    from dsel.select.plot import score_histogram
+
     shown = f"{plan.expression} + {plan.temperature:g} * Gumbel" if plan.method == "gumbel" and plan.temperature else str(plan.expression)
     title = f"{plan.method}: {shown} ({len(selection.sample)} of {selection.pool} windows)"
     score_histogram(selection.sample, path, threshold=selection.threshold, title=title)

@@ -59,6 +59,7 @@ class PoolStats:
     def __init__(self, source, plan: Plan, num_windows: int):
         self.source, self.plan, self.num_windows = source, plan, num_windows
         self.rows = self.tokens = 0
+        self.seen = np.zeros(num_windows, dtype=bool)
         self.rate = min(1.0, HISTOGRAM_SAMPLE / max(1, source.num_rows))
         self.samples: list[np.ndarray] = []
 
@@ -68,6 +69,7 @@ class PoolStats:
         outside = window[(window < 0) | (window >= self.num_windows)]
         if len(outside):
             raise DselError(f"{self.source.path}: window id {int(outside[0])} is outside the corpus's {self.num_windows} windows")
+        self.seen[window] = True
         self.rows += len(window)
         self.tokens += int(chunk["tokens"].sum())
         if self.plan.method == "random":  # the key is noise: sample the scores instead
@@ -75,6 +77,13 @@ class PoolStats:
                 return
             key = self.plan.expression(chunk)
         self.samples.append(key[uniform(self.plan.seed, SAMPLE_STREAM, window) < self.rate])
+
+    def check_complete(self) -> None:
+        """Every window scored exactly once (rows == windows and none missing, so none twice)."""
+        missing = np.flatnonzero(~self.seen)
+        if len(missing) or self.rows != self.num_windows:
+            what = f"window {int(missing[0])} has no score" if len(missing) else "a window is listed twice"
+            raise DselError(f"{self.source.path}: {what} ({self.rows} rows for {self.num_windows} windows)")
 
     @property
     def sample(self) -> np.ndarray:
@@ -121,6 +130,7 @@ def select(source, plan: Plan, num_windows: int, chunk_rows: int = 1 << 20, max_
         top = stream_top(chunks, selection_key(plan), max_candidates=max_candidates, observe=stats, **budget)
         threshold = None if plan.method == "random" else top.threshold
         result = (top.indices, threshold, top.tokens, top.passes, top.candidates)
+    stats.check_complete()
     indices, threshold, tokens, passes, candidates = result
     domains = count_domains(source, indices, chunk_rows) if source.has_domain else {}
     return Selection(indices, threshold, tokens, stats.rows, stats.tokens, passes + bool(domains), candidates,
