@@ -6,7 +6,7 @@ import pytest
 
 from dsel.select.expression import parse_expression
 from dsel.select.methods import Plan, batchwise_top, select
-from dsel.select.noise import gumbel, uniform
+from dsel.select.noise import PERMUTE_STREAM, RANDOM_STREAM, gumbel, uniform
 from dsel.select.source import open_scores
 from dsel.select.topk import orderable, stream_top
 
@@ -113,7 +113,7 @@ def test_select_on_parquet_equals_in_memory(tmp_path, method, expr, temperature,
     sel = select(source, plan, N, chunk_rows=chunk_rows, max_candidates=50)
     window = cols["window"]
     if method == "random":
-        key = uniform(5, 2, window)
+        key = uniform(5, RANDOM_STREAM, window)
     else:
         key = naive_key(cols, expr) + (temperature * gumbel(5, window) if method == "gumbel" else 0)
     best = naive_order(window, key)[:2000]
@@ -140,7 +140,7 @@ def test_select_token_budget_on_parquet(tmp_path):
 
 def naive_batchwise(windows, keys, tau, n, seed):
     """CoLoR's loop: shuffle, take tau*n candidates at a time, keep the best of each draw."""
-    perm = np.lexsort((windows, uniform(seed, 4, windows)))
+    perm = np.lexsort((windows, uniform(seed, PERMUTE_STREAM, windows)))
     m, kept = int(round(tau * n)), []
     for a in range(0, len(perm), m):
         draw = perm[a:a + m]

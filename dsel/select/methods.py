@@ -17,11 +17,11 @@ import numpy as np
 
 from dsel.errors import DselError
 from dsel.select.expression import Expression
-from dsel.select.noise import PERMUTE_STREAM, RANDOM_STREAM, SAMPLE_STREAM, gumbel, uniform
+from dsel.select.noise import PERMUTE_STREAM, RANDOM_STREAM, gumbel, uniform
 from dsel.select.topk import stream_top
 
 METHODS = ("topk", "gumbel", "color", "color-batch", "random")
-HISTOGRAM_SAMPLE = 1_000_000  # score values kept (a seeded sample) for the histogram
+HISTOGRAM_SAMPLE = 1_000_000  # at most this many key values (every stride-th window id) for the histogram
 
 
 @dataclass
@@ -49,7 +49,7 @@ class Selection:
     pool_tokens: int
     passes: int
     candidates: int
-    sample: np.ndarray  # key values of a seeded sample of the pool (for the histogram)
+    sample: np.ndarray  # key values of every stride-th window of the pool (for the histogram)
     domains: dict  # domain -> {"pool": n, "kept": n}; {} without a domain column
 
 
@@ -60,7 +60,7 @@ class PoolStats:
         self.source, self.plan, self.num_windows = source, plan, num_windows
         self.rows = self.tokens = 0
         self.seen = np.zeros(num_windows, dtype=bool)
-        self.rate = min(1.0, HISTOGRAM_SAMPLE / max(1, source.num_rows))
+        self.stride = -(-source.num_rows // HISTOGRAM_SAMPLE)
         self.samples: list[np.ndarray] = []
 
     def __call__(self, chunk: dict, key: np.ndarray) -> None:
@@ -76,7 +76,7 @@ class PoolStats:
             if self.plan.expression is None:
                 return
             key = self.plan.expression(chunk)
-        self.samples.append(key[uniform(self.plan.seed, SAMPLE_STREAM, window) < self.rate])
+        self.samples.append(key[window % self.stride == 0])
 
     def check_complete(self) -> None:
         """Every window scored exactly once (rows == windows and none missing, so none twice)."""

@@ -11,7 +11,7 @@ import numpy as np
 GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)
 
 # Independent streams of the same seed, one per use.
-GUMBEL_STREAM, RANDOM_STREAM, SAMPLE_STREAM, PERMUTE_STREAM = 1, 2, 3, 4
+GUMBEL_STREAM, RANDOM_STREAM, PERMUTE_STREAM = 1, 2, 3
 
 
 def _mix64(z: np.ndarray) -> np.ndarray:

@@ -37,8 +37,9 @@ class TopSelection:
 
 def orderable(key: np.ndarray) -> np.ndarray:
     """uint64 image of float64 keys with the same order (-0.0 and 0.0 map alike; no NaN)."""
-    bits = (np.asarray(key, dtype=np.float64) + 0.0).view(np.uint64)  # + 0.0 turns -0.0 into 0.0
-    return np.where(bits & SIGN_BIT, ~bits, bits | SIGN_BIT)
+    bits = (np.asarray(key, dtype=np.float64) + 0.0).view(np.int64)  # + 0.0 turns -0.0 into 0.0
+    flip = (bits >> 63).view(np.uint64) | SIGN_BIT  # negative: flip every bit; positive: set the sign bit
+    return bits.view(np.uint64) ^ flip
 
 
 def _histogram(chunks: Iterable[dict], key: Key, used: int, prefix: int, bits: int, by_tokens: bool,
