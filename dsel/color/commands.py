@@ -76,7 +76,7 @@ def check_corpus_matches(prefix: str, scorer) -> None:
         return
     corpus = read_meta(prefix)
     for m in scorer.models:
-        for key in ("vocab_size", "tokenizer_hash"):
+        for key in ("vocab_size", "tokenizer_sha256"):
             have, want = m.meta.get(key), corpus.get(key)
             if have is not None and want is not None and have != want:
                 raise DselError(f"{m.checkpoint}: model has {key}={have!r} but corpus {prefix} has {key}={want!r}")
