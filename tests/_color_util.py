@@ -1,13 +1,11 @@
 """Tiny dsel GPTs and an independent plain-torch scorer for the CoLoR tests."""
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 
 from dsel.models.config import preset
-
-GPT = pytest.importorskip("dsel.models.gpt").GPT  # until dsel.models lands on main
+from dsel.models.gpt import GPT
 
 
 def tiny_gpt(seed: int = 0, **overrides) -> GPT:
