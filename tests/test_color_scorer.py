@@ -7,7 +7,7 @@ import torch
 if not torch.cuda.is_available():  # must precede the first Triton call
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from dsel.color.commands import check_corpus_matches  # noqa: E402
+from dsel.color.commands import check_data_matches  # noqa: E402
 from dsel.color.scorer import ColorScorer, ScoredModel, mean_token_losses  # noqa: E402
 from dsel.errors import DselError  # noqa: E402
 from _color_util import plain_mean_losses, random_windows, tiny_gpt  # noqa: E402
@@ -110,7 +110,7 @@ def test_corpus_with_another_tokenizer_is_refused(tmp_path):
 
     write_meta(prefix, meta)
     same = ColorScorer({"prior": ScoredModel("prior", tiny_gpt(0), "ckpt/prior", {"tokenizer_sha256": "aa"})})
-    check_corpus_matches(str(prefix), same)
+    check_data_matches(str(prefix), same.models)
     other = ColorScorer({"prior": ScoredModel("prior", tiny_gpt(0), "ckpt/prior", {"tokenizer_sha256": "bb"})})
     with pytest.raises(DselError, match="ckpt/prior.*tokenizer_sha256"):
-        check_corpus_matches(str(prefix), other)
+        check_data_matches(str(prefix), other.models)

@@ -67,19 +67,19 @@ def resolve_device(name: str):
         raise DselError(f"device must be cpu, cuda, cuda:N or auto, got {name!r}") from None
 
 
-def check_corpus_matches(prefix: str, scorer) -> None:
-    """Refuse a corpus tokenized with another tokenizer than the models (from its meta sidecar)."""
+def check_data_matches(prefix: str, models) -> None:
+    """Refuse data tokenized with another tokenizer than the models (`ScoredModel`s; from the meta sidecar)."""
     from dsel.data.meta import read_meta
 
     if not Path(f"{prefix}.meta.json").is_file():
-        log.warning("%s.meta.json not found: cannot check the corpus tokenizer against the models", prefix)
+        log.warning("%s.meta.json not found: cannot check its tokenizer against the models", prefix)
         return
-    corpus = read_meta(prefix)
-    for m in scorer.models:
+    data = read_meta(prefix)
+    for m in models:
         for key in ("vocab_size", "tokenizer_sha256"):
-            have, want = m.meta.get(key), corpus.get(key)
+            have, want = m.meta.get(key), data.get(key)
             if have is not None and want is not None and have != want:
-                raise DselError(f"{m.checkpoint}: model has {key}={have!r} but corpus {prefix} has {key}={want!r}")
+                raise DselError(f"{m.checkpoint}: model has {key}={have!r} but data {prefix} has {key}={want!r}")
 
 
 def run_score(cfg: ColorScoreConfig):
@@ -93,7 +93,7 @@ def run_score(cfg: ColorScoreConfig):
     scorer = load_scorer(cfg, device)
     window = cfg.window or min(m.context for m in scorer.models)
     scorer.check_window(window)
-    check_corpus_matches(cfg.corpus, scorer)
+    check_data_matches(cfg.corpus, scorer.models)
     windows = Windows(IndexedDataset(cfg.corpus), window)
     meta = {"scorer": "color", "corpus": cfg.corpus, "window": window,
             "models": {m.name: m.checkpoint for m in scorer.models}, "micro_batch": cfg.micro_batch}
@@ -102,36 +102,41 @@ def run_score(cfg: ColorScoreConfig):
     return table
 
 
-def target_pieces(cfg: ColorFinetuneConfig, meta: dict, length: int, vocab_size: int):
-    """The target data as token pieces of at most `length` tokens, in the prior's vocabulary."""
+def target_pieces(cfg: ColorFinetuneConfig, prior, length: int):
+    """The target data as pieces of at most `length` tokens, in the vocabulary of `prior` (a ScoredModel)."""
     from dsel.color.target import (check_token_range, dataset_documents, read_jsonl_texts, split_documents,
                                    tokenize_texts)
 
     if cfg.target.endswith((".jsonl", ".json")):
-        tokenizer_path = cfg.tokenizer or meta.get("tokenizer")
+        tokenizer_path = cfg.tokenizer or prior.meta.get("tokenizer")
         if not tokenizer_path:
             raise DselError(f"{cfg.prior}: checkpoint records no tokenizer; set tokenizer= to tokenize {cfg.target}")
         from dsel.data.tokenize import load_tokenizer
 
-        documents = tokenize_texts(read_jsonl_texts(cfg.target, cfg.text_key), load_tokenizer(tokenizer_path))
+        tokenizer = load_tokenizer(tokenizer_path)
+        if prior.meta.get("tokenizer_sha256") not in (None, tokenizer.sha256):
+            raise DselError(f"{tokenizer_path}: not the tokenizer the prior {cfg.prior} was trained with (sha256 differs)")
+        documents = tokenize_texts(read_jsonl_texts(cfg.target, cfg.text_key), tokenizer)
     else:
+        check_data_matches(cfg.target, [prior])
         documents = dataset_documents(cfg.target)
     pieces = split_documents(documents, length)
     if not pieces:
         raise DselError(f"{cfg.target}: no target document has 2 or more tokens")
-    check_token_range(pieces, vocab_size, cfg.target)
+    check_token_range(pieces, prior.vocab_size, cfg.target)
     return pieces
 
 
 def run_finetune(cfg: ColorFinetuneConfig):
     """Fine-tune the prior on the target data and save the conditional model."""
     from dsel.color.finetune import finetune_model
+    from dsel.color.scorer import ScoredModel
     from dsel.color.target import epoch_batches
     from dsel.models.checkpoint import load_model, save_model
 
     device = resolve_device(cfg.device)
     model, meta = load_model(cfg.prior, device)
-    pieces = target_pieces(cfg, meta, model.config.seq_len + 1, model.config.vocab_size)
+    pieces = target_pieces(cfg, ScoredModel("prior", model, cfg.prior, meta), model.config.seq_len + 1)
     batches = [b for epoch in range(cfg.epochs) for b in epoch_batches(pieces, cfg.batch_size, 0, cfg.seed + epoch)]
     losses = finetune_model(model, batches, len(batches), lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup,
                             min_lr_ratio=cfg.min_lr_ratio, grad_clip=cfg.grad_clip, device=device,
