@@ -79,3 +79,39 @@ def test_finetune_needs_a_tokenizer_for_text(setup):
     save_model(setup / "bare", model, {})
     with pytest.raises(DselError, match="bare: checkpoint records no tokenizer"):
         run_finetune(finetune_config(setup, prior=setup / "bare", target=setup / "target.jsonl"))
+
+
+def tiny_train_settings(setup, steps):
+    vocab = read_meta(setup / "corpus")["vocab_size"]
+    model = {"vocab_size": vocab, "seq_len": 32, "n_layer": 1, "n_head": 2, "d_model": 32}
+    return [f"train.preset=tiny", f"train.steps={steps}", "train.batch_size=4", "train.lr=0.003", "train.device=cpu"] + [
+        f"train.model.{k}={v}" for k, v in model.items()]
+
+
+def test_train_prior_trains_on_a_random_slice(setup):
+    pytest.importorskip("dsel.train.torch_backend")  # until the train stage lands on main
+    out = setup / "prior-run"
+    main(["color", "train-prior", f"corpus={setup / 'corpus'}", f"out={out}", "fraction=0.5", "seed=3",
+          *tiny_train_settings(setup, 30)])
+    corpus, sliced = IndexedDataset(setup / "corpus"), IndexedDataset(out / "slice")
+    assert sliced.num_documents == 40
+    docs = {tuple(corpus[i].tolist()) for i in range(len(corpus))}
+    assert all(tuple(sliced[i].tolist()) in docs for i in range(len(sliced)))
+    assert read_meta(out / "slice")["tokenizer_sha256"] == read_meta(setup / "corpus")["tokenizer_sha256"]
+    model, meta = load_model(out / "model")
+    assert model.config.d_model == 32 and meta["tokenizer_sha256"] == read_meta(setup / "corpus")["tokenizer_sha256"]
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 30 and losses[-1] < losses[0]
+
+
+def test_train_prior_refuses_data_and_out_in_train(setup):
+    pytest.importorskip("dsel.train.torch_backend")  # until the train stage lands on main
+    from dsel.color.commands import ColorTrainPriorConfig, run_train_prior
+
+    cfg = load_config(ColorTrainPriorConfig, None, [f"corpus={setup / 'corpus'}", f"out={setup / 'x'}", "train.data=[a]"])
+    with pytest.raises(DselError, match="train.data: set by color train-prior"):
+        run_train_prior(cfg)
+    cfg = load_config(ColorTrainPriorConfig, None, [f"corpus={setup / 'corpus'}", f"out={setup / 'x'}", "fraction=0"])
+    with pytest.raises(DselError, match="fraction must be in"):
+        run_train_prior(cfg)

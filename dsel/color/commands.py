@@ -1,6 +1,7 @@
-"""`dsel color finetune` and `dsel color score`: CoLoR-Filter's conditional model and its scores.
+"""`dsel color train-prior|finetune|score`: CoLoR-Filter's prior and conditional models and scores.
 
-    dsel color finetune prior=ckpt/prior target=target.jsonl out=ckpt/cond
+    dsel color train-prior corpus=data/pool fraction=0.1 out=runs/prior train.steps=20000
+    dsel color finetune prior=runs/prior/model target=target.jsonl out=ckpt/cond
     dsel color score corpus=data/pool prior=ckpt/prior cond=ckpt/cond out=scores/color
 
 `score` writes, per window of the corpus, `loss_prior`, `loss_cond` and `color = loss_prior -
@@ -12,7 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from dsel.cli import Command
 from dsel.color.config import ColorScorerConfig, Precision
@@ -32,6 +33,18 @@ class ColorScoreConfig(ColorScorerConfig):
     batch_size: int = option(64, "windows per batch handed to the scorer")
     shard_size: Optional[int] = option(None, "windows per shard file; None = 64 batches")
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
+
+
+@dataclass
+class ColorTrainPriorConfig:
+    """`dsel color train-prior`: the prior LM, trained by `dsel train` on a random slice of the corpus."""
+
+    corpus: str = option(help="Megatron dataset prefix of the corpus")
+    out: str = option(help="output directory: slice.* (the documents trained on) and dsel train's model/, state/, log.jsonl")
+    fraction: float = option(1.0, "fraction of the corpus documents, drawn at random, to train on (1.0 = all)")
+    seed: int = option(0, "seed of the random slice")
+    train: dict[str, Any] = option({}, "dsel train settings (TrainConfig) other than data and out, e.g. "
+                                       "{steps: 20000, lr: 1e-3}; preset defaults to color-150m")
 
 
 @dataclass
@@ -80,6 +93,43 @@ def check_data_matches(prefix: str, models) -> None:
             have, want = m.meta.get(key), data.get(key)
             if have is not None and want is not None and have != want:
                 raise DselError(f"{m.checkpoint}: model has {key}={have!r} but data {prefix} has {key}={want!r}")
+
+
+def random_slice(prefix: str, fraction: float, seed: int, out_prefix: str) -> str:
+    """Write a seeded random `fraction` of the documents of `prefix` (kept in corpus order) as `out_prefix`."""
+    import numpy as np
+
+    from dsel.data.indexed import IndexedDataset, subset_dataset
+    from dsel.data.meta import read_meta, write_meta
+
+    if not 0 < fraction <= 1:
+        raise DselError(f"fraction must be in (0, 1], got {fraction}")
+    if fraction == 1:
+        return prefix
+    num_documents = IndexedDataset(prefix).num_documents
+    count = max(1, round(fraction * num_documents))
+    ids = np.sort(np.random.default_rng(seed).choice(num_documents, size=count, replace=False))
+    sliced = subset_dataset(prefix, ids, out_prefix)
+    if Path(f"{prefix}.meta.json").is_file():
+        write_meta(out_prefix, {**read_meta(prefix), "slice_of": prefix, "fraction": fraction, "seed": seed,
+                                "num_documents": count, "num_tokens": sliced.num_tokens})
+    log.info("prior slice: %d of %d documents of %s -> %s", count, num_documents, prefix, out_prefix)
+    return out_prefix
+
+
+def run_train_prior(cfg: ColorTrainPriorConfig):
+    """Train the prior on a random slice of the corpus with `dsel train`; returns the checkpoint directory."""
+    from dsel.config import from_dict
+    from dsel.train.commands import run_train
+    from dsel.train.config import TrainConfig
+
+    reserved = sorted({"data", "out"} & set(cfg.train))
+    if reserved:
+        raise DselError(f"train.{reserved[0]}: set by color train-prior (from corpus, fraction and out); remove it")
+    data = random_slice(cfg.corpus, cfg.fraction, cfg.seed, str(Path(cfg.out) / "slice"))
+    settings = {"preset": "color-150m", **cfg.train, "data": [data], "out": cfg.out}
+    train_cfg = from_dict(TrainConfig, settings, "color train-prior: train")
+    return run_train(train_cfg)
 
 
 def run_score(cfg: ColorScoreConfig):
@@ -148,6 +198,8 @@ def run_finetune(cfg: ColorFinetuneConfig):
 
 
 COMMANDS = [
+    Command("color train-prior", "train the prior LM on a random slice of the corpus (via dsel train)",
+            ColorTrainPriorConfig, run_train_prior),
     Command("color finetune", "fine-tune the prior on target data (one epoch, AdamW lr 1e-3) -> conditional model",
             ColorFinetuneConfig, run_finetune),
     Command("color score", "per-window losses of prior and conditional models and the CoLoR score, in shards",
