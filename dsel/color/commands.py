@@ -27,12 +27,13 @@ log = logging.getLogger(__name__)
 class ColorScoreConfig(ColorScorerConfig):
     """`dsel color score`: per-window losses of each model and the CoLoR score, in shards."""
 
-    corpus: str = option(help="Megatron dataset prefix of the pool to score (prefix.bin / prefix.idx)")
+    corpus: str = option(help="corpus: Megatron dataset prefix, or a headerless .bin/.npy token file (dolma)")
     out: str = option(help="output directory (shards, then scores.parquet)")
     window: Optional[int] = option(None, "tokens per window; None = the models' context length")
     batch_size: int = option(64, "windows per batch handed to the scorer")
     shard_size: Optional[int] = option(None, "windows per shard file; None = 64 batches")
-    device: str = option("auto", "cpu, cuda, cuda:N or auto")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N (under torchrun, auto = cuda:LOCAL_RANK)")
+    memmap_dtype: str = option("uint16", "token dtype of headerless token files")
 
 
 @dataclass
@@ -133,21 +134,27 @@ def run_train_prior(cfg: ColorTrainPriorConfig):
 
 
 def run_score(cfg: ColorScoreConfig):
-    """Score every window of the corpus with the models; returns the score table's path."""
+    """Score every window of the corpus with the models (this rank's shards; rank 0 merges)."""
+    import torch.distributed as dist
+
     from dsel.color.scorer import load_scorer
-    from dsel.data.indexed import IndexedDataset
-    from dsel.data.windows import Windows
+    from dsel.score.commands import open_windows, start_distributed
     from dsel.score.engine import score_windows
 
-    device = resolve_device(cfg.device)
-    scorer = load_scorer(cfg, device)
-    window = cfg.window or min(m.context for m in scorer.models)
-    scorer.check_window(window)
-    check_data_matches(cfg.corpus, scorer.models)
-    windows = Windows(IndexedDataset(cfg.corpus), window)
-    meta = {"scorer": "color", "corpus": cfg.corpus, "window": window,
-            "models": {m.name: m.checkpoint for m in scorer.models}, "micro_batch": cfg.micro_batch}
-    table = score_windows(windows, scorer, cfg.out, cfg.batch_size, shard_size=cfg.shard_size, device=device, meta=meta)
+    device, created = start_distributed(cfg.device)
+    try:
+        scorer = load_scorer(cfg, device)
+        window = cfg.window or min(m.context for m in scorer.models)
+        scorer.check_window(window)
+        check_data_matches(cfg.corpus.removesuffix(".bin").removesuffix(".npy"), scorer.models)
+        windows = open_windows(cfg.corpus, window, cfg.memmap_dtype)
+        meta = {"scorer": "color", "corpus": cfg.corpus, "window": window, "micro_batch": cfg.micro_batch,
+                "precision": cfg.precision, "models": {m.name: m.checkpoint for m in scorer.models}}
+        table = score_windows(windows, scorer, cfg.out, cfg.batch_size, shard_size=cfg.shard_size, device=device,
+                              meta=meta)
+    finally:
+        if created:
+            dist.destroy_process_group()
     log.info("CoLoR scores of %d windows -> %s", len(windows), table)
     return table
 
