@@ -1,12 +1,17 @@
 """The conditional model's fine-tuning: masked padding (checked by autograd), falling target loss."""
+import os
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dsel.color.finetune import finetune_model, lr_at, masked_mean_loss
-from dsel.color.target import epoch_batches, padded_batch, split_documents
-from _color_util import tiny_gpt
+if not torch.cuda.is_available():  # must precede the first Triton call
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from dsel.color.finetune import finetune_model, lr_at, masked_mean_loss  # noqa: E402
+from dsel.color.target import epoch_batches, padded_batch, split_documents  # noqa: E402
+from _color_util import kernel_backend, tiny_gpt  # noqa: E402,F401
 
 
 def unpadded_loss(model, pieces) -> torch.Tensor:
@@ -15,7 +20,7 @@ def unpadded_loss(model, pieces) -> torch.Tensor:
     return total / sum(len(p) - 1 for p in pieces)
 
 
-def test_padded_batch_gives_the_unpadded_gradient():
+def test_padded_batch_gives_the_unpadded_gradient(kernel_backend):
     pieces = [torch.randint(0, 64, (n,), generator=torch.Generator().manual_seed(n)) for n in (9, 3, 6, 2)]
     want_model, model = tiny_gpt(0), tiny_gpt(0)
     unpadded_loss(want_model, pieces).backward()

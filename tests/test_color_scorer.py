@@ -10,14 +10,7 @@ if not torch.cuda.is_available():  # must precede the first Triton call
 from dsel.color.commands import check_data_matches  # noqa: E402
 from dsel.color.scorer import ColorScorer, ScoredModel, mean_token_losses  # noqa: E402
 from dsel.errors import DselError  # noqa: E402
-from _color_util import plain_mean_losses, random_windows, tiny_gpt  # noqa: E402
-
-
-@pytest.fixture(params=["reference", "triton"])
-def kernel_backend(request, monkeypatch):
-    """Run a test once with the chunked torch kernel and once with the (interpreted) Triton kernel."""
-    monkeypatch.setenv("DSEL_KERNELS", request.param)
-    return request.param
+from _color_util import kernel_backend, plain_mean_losses, random_windows, tiny_gpt  # noqa: E402,F401
 
 
 def test_mean_token_losses_match_plain_cross_entropy(kernel_backend):
