@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -25,10 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = {"vocab_size": 128, "seq_len": 16, "n_layer": 2, "d_model": 32, "n_head": 4, "n_query_groups": 2,
          "activation": "swiglu", "ffn_hidden": 64}
 # Each layout trains a variant of MODEL, so the runs also cover tied embeddings across pipeline
-# stages, rmsnorm, gelu and biases; the bf16 run (megatron's bf16 weights with fp32 main params vs
+# stages, rmsnorm, gelu, biases and per-sample loss weights; the bf16 run (megatron's bf16 weights with fp32 main params vs
 # the torch backend's bf16 autocast) matches to bf16 precision only.
 LAYOUTS = {
-    "tp2": ({"tp": 2}, {}),
+    "tp2": ({"tp": 2}, {}),  # with per-sample loss weights (see runs)
     "pp2": ({"pp": 2}, {"tie_embeddings": True, "norm": "rmsnorm"}),
     "dp2": ({"distributed_optimizer": True}, {"activation": "gelu", "bias": True, "n_query_groups": None}),
     "pp2-bf16": ({"pp": 2}, {}),
@@ -37,7 +38,7 @@ PRECISION = {"pp2-bf16": "bf16"}
 
 
 def settings(tmp_path, data, name, model_changes, **overrides):
-    return {"data": [data], "valid": data, "out": str(tmp_path / name), "model": {**MODEL, **model_changes},
+    return {"data": [data], "valid": str(tmp_path / "valid"), "out": str(tmp_path / name), "model": {**MODEL, **model_changes},
             "steps": 6, "batch_size": 4,
             "grad_accum": 2, "lr": 1e-2, "min_lr": 1e-3, "warmup": 1, "eval_batches": 2, "device": "cpu",
             "backend": "megatron", **overrides}
@@ -74,10 +75,14 @@ def runs(tmp_path_factory):
     """Per layout, the torch backend's run (<layout>-torch) and the megatron run on 2 processes (<layout>)."""
     tmp_path = tmp_path_factory.mktemp("megatron")
     data = write_counting_dataset(tmp_path / "train", vocab=MODEL["vocab_size"])
+    write_counting_dataset(tmp_path / "valid", num_docs=2, seed=1, vocab=MODEL["vocab_size"])  # < 8 windows: padded
+    np.save(tmp_path / "weights.npy", np.random.default_rng(0).uniform(0, 2, 6 * 8).astype(np.float32))
+    extra = {name: {"precision": PRECISION.get(name, "fp32")} for name in LAYOUTS}
+    extra["tp2"]["weights"] = str(tmp_path / "weights.npy")
     for name, (_, changes) in LAYOUTS.items():
         torch_backend.train(from_dict(TrainConfig, settings(tmp_path, data, f"{name}-torch", changes, backend="torch",
-                                                            precision=PRECISION.get(name, "fp32"))))
-    torchrun(tmp_path, [settings(tmp_path, data, name, changes, parallel=layout, precision=PRECISION.get(name, "fp32"))
+                                                            **extra[name])))
+    torchrun(tmp_path, [settings(tmp_path, data, name, changes, parallel=layout, **extra[name])
                         for name, (layout, changes) in LAYOUTS.items()])
     return tmp_path
 
