@@ -55,6 +55,7 @@ def use_bf16(cfg: TrainConfig) -> bool:
 
 
 def compute_device() -> torch.device:
+    """This rank's GPU (set from LOCAL_RANK by init_parallel), or the CPU."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 

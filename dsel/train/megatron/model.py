@@ -28,7 +28,8 @@ def check_parallel_sizes(config: GPTConfig, tp: int, pp: int, world_size: int, s
     if tp < 1 or pp < 1:
         raise DselError(f"{source}: parallel.tp={tp} and parallel.pp={pp} must be >= 1")
     if world_size % (tp * pp):
-        raise DselError(f"{source}: world size {world_size} is not divisible by tp*pp = {tp}*{pp}")
+        raise DselError(f"{source}: world size {world_size} is not divisible by tp*pp = {tp}*{pp}; "
+                        f"start tp*pp*dp processes with torchrun --nproc_per_node")
     sizes = {"n_head": config.n_head, "n_query_groups (kv heads)": config.kv_heads,
              "ffn_hidden": config.ffn_size, "vocab_size": config.vocab_size}
     for name, value in sizes.items():
