@@ -131,3 +131,21 @@ def test_train_refuses_layout_before_starting_processes(tmp_path):
     with pytest.raises(DselError, match="world size 1 is not divisible by tp\\*pp = 2\\*1"):
         backend.train(cfg)
     assert not torch.distributed.is_initialized()
+
+
+def test_dsel_train_command_under_torchrun(tmp_path):
+    """The README's launch line: `torchrun --nproc_per_node 2 -m dsel train ... backend=megatron parallel.tp=2`."""
+    pytest.importorskip("dsel.train.commands")
+    data = write_counting_dataset(tmp_path / "train", vocab=MODEL["vocab_size"])
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dsel",
+            "train", f"data=[{data}]", "preset=tiny", f"model.vocab_size={MODEL['vocab_size']}", "model.seq_len=16",
+            "steps=2", "batch_size=2", "backend=megatron"]
+    env = {**os.environ, "DSEL_PROGRESS": "0", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(base + [f"out={tmp_path / 'run'}", "parallel.tp=2"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "model" / "config.json").read_text())["arch"] == "gpt"
+    one_process = [arg if arg != "2" else "1" for arg in base]
+    bad = subprocess.run(one_process + [f"out={tmp_path / 'bad'}", "parallel.tp=2"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "dsel train: error: train config: world size 1 is not divisible by tp*pp" in bad.stderr
