@@ -39,7 +39,8 @@ def megatron_logits(model, tokens):
 
 def perturbed(state):
     """Non-trivial norms and biases, so the test sees them."""
-    return {k: v + 0.1 * torch.randn_like(v) if ("layernorm" in k or k.endswith("bias")) else v for k, v in state.items()}
+    return {k: v + 0.1 * torch.randn_like(v) if "layernorm" in k or k.endswith("bias") else v
+            for k, v in state.items()}
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -97,7 +98,8 @@ def test_tensor_parallel_slices_follow_megatron_layout():
     torch.testing.assert_close(rank1["decoder.layers.0.mlp.linear_fc1.weight"], torch.cat([gate[24:], up[24:]]))
     torch.testing.assert_close(rank1["decoder.layers.0.self_attention.linear_proj.weight"],
                                state["decoder.layers.0.self_attention.linear_proj.weight"][:, 16:])
-    torch.testing.assert_close(rank1["embedding.word_embeddings.weight"], state["embedding.word_embeddings.weight"][64:])
+    embedding = state["embedding.word_embeddings.weight"]
+    torch.testing.assert_close(rank1["embedding.word_embeddings.weight"], embedding[64:])
 
 
 def test_te_names_and_tied_output_on_last_stage():

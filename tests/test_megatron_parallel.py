@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = {"vocab_size": 128, "seq_len": 16, "n_layer": 2, "d_model": 32, "n_head": 4, "n_query_groups": 2,
          "activation": "swiglu", "ffn_hidden": 64}
 # Each layout trains a variant of MODEL, so the runs also cover tied embeddings across pipeline
-# stages, rmsnorm, gelu, biases and per-sample loss weights; the bf16 run (megatron's bf16 weights with fp32 main params vs
-# the torch backend's bf16 autocast) matches to bf16 precision only.
+# stages, rmsnorm, gelu, biases and per-sample loss weights; the bf16 run (megatron's bf16
+# weights with fp32 main params vs the torch backend's bf16 autocast) matches to bf16 precision.
 LAYOUTS = {
     "tp2": ({"tp": 2}, {}),  # with per-sample loss weights (see runs)
     "pp2": ({"pp": 2}, {"tie_embeddings": True, "norm": "rmsnorm"}),
@@ -39,10 +39,9 @@ PRECISION = {"pp2-bf16": "bf16"}
 
 
 def settings(tmp_path, data, name, model_changes, **overrides):
-    return {"data": [data], "valid": str(tmp_path / "valid"), "out": str(tmp_path / name), "model": {**MODEL, **model_changes},
-            "steps": 6, "batch_size": 4,
-            "grad_accum": 2, "lr": 1e-2, "min_lr": 1e-3, "warmup": 1, "eval_batches": 2, "device": "cpu",
-            "backend": "megatron", **overrides}
+    return {"data": [data], "valid": str(tmp_path / "valid"), "out": str(tmp_path / name),
+            "model": {**MODEL, **model_changes}, "steps": 6, "batch_size": 4, "grad_accum": 2, "lr": 1e-2,
+            "min_lr": 1e-3, "warmup": 1, "eval_batches": 2, "device": "cpu", "backend": "megatron", **overrides}
 
 
 def read_log(run: Path):

@@ -201,7 +201,8 @@ def gather_full_state(model, config) -> tuple[dict, float] | None:
     torch.distributed.gather_object(mine, gathered, dst=0)
     if gathered is None:
         return None
-    tp, pp = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
     shards = [[None] * tp for _ in range(pp)]
     checksums: dict[tuple, list[float]] = {}
     for (p, t), sums, weights in gathered:
@@ -348,7 +349,8 @@ def train(cfg: TrainConfig, sample_weights=None, on_step: Callable[[int, dict], 
     samples = torch_backend.training_samples(cfg, seq_len, config.vocab_size, num_samples)
     if cfg.valid is not None:
         torch_backend.open_dataset(cfg.valid, config.vocab_size)
-    weights_of = sample_weights or (torch_backend.load_sample_weights(cfg.weights, num_samples) if cfg.weights else None)
+    if sample_weights is None and cfg.weights:
+        sample_weights = torch_backend.load_sample_weights(cfg.weights, num_samples)
     meta = {**torch_backend.data_meta(cfg.data), "data": list(cfg.data), "init": cfg.init, "train": to_dict(cfg)}
 
     logging.getLogger("megatron.core").setLevel(logging.WARNING)  # it logs its whole config and every parameter name
@@ -373,7 +375,7 @@ def train(cfg: TrainConfig, sample_weights=None, on_step: Callable[[int, dict], 
             bar = progress(total=steps, initial=first_step, unit="step",
                            desc=f"train (megatron tp={cfg.parallel.tp} pp={cfg.parallel.pp} dp={dp})",
                            disable=not is_logger or os.environ.get("DSEL_PROGRESS") == "0")
-            batches = torch_backend.step_batches(samples, cfg, first_step, steps, weights_of)
+            batches = torch_backend.step_batches(samples, cfg, first_step, steps, sample_weights)
             for step, micro_batches in enumerate(batches, first_step):
                 micro = [rank_rows(tokens, weights, dp, compute_device()) for tokens, weights in micro_batches]
                 lr = torch_backend.learning_rate(cfg, step, steps)

@@ -115,7 +115,8 @@ def layer_spec(config: GPTConfig):
 
     if use_transformer_engine():
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm" if config.norm == "rmsnorm" else "LayerNorm")
+    normalization = "RMSNorm" if config.norm == "rmsnorm" else "LayerNorm"
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=normalization)
 
 
 def build_model(config: GPTConfig, tp: int = 1, pp: int = 1, bf16: bool = False):
