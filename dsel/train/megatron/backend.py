@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 
 from dsel.config import save_config, to_dict
+from dsel.data.windows import Windows
 from dsel.errors import DselError, file_error
 from dsel.io import atomic_path, progress, read_json, write_json
 from dsel.train.config import TrainConfig
@@ -163,14 +164,10 @@ def train_step(ddp, optimizer, micro_batches, lr: float, cfg: TrainConfig, seq_l
 
 
 @torch.no_grad()
-def evaluate(ddp, cfg: TrainConfig, seq_len: int, dp: int) -> float:
-    """Mean loss of the torch backend's held-out windows (the first eval_batches * batch_size windows of `valid`)."""
+def evaluate(ddp, windows, cfg: TrainConfig, seq_len: int, dp: int) -> float:
+    """Mean loss of the torch backend's held-out windows (the first eval_batches * batch_size `windows`)."""
     import numpy as np
 
-    from dsel.data.indexed import IndexedDataset
-    from dsel.data.windows import Windows
-
-    windows = Windows(IndexedDataset(cfg.valid), seq_len + 1)
     count = min(len(windows), cfg.eval_batches * cfg.batch_size)
     padded = -(-count // cfg.batch_size) * cfg.batch_size  # whole micro-batches; padding rows weigh 0
     ids = np.minimum(np.arange(padded), count - 1)
@@ -310,7 +307,7 @@ def load_state(cfg: TrainConfig) -> dict | None:
                                  f"use another out directory or delete {state_dir(cfg)}")
     path = state_dir(cfg) / f"step-{saved['step']}" / f"rank-{torch.distributed.get_rank()}.pt"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a missing or corrupt file
         raise file_error(path, f"cannot be read as a training state ({type(e).__name__})") from None
     old, new = state["config"], to_dict(cfg)
@@ -347,11 +344,13 @@ def train(cfg: TrainConfig, sample_weights=None, on_step: Callable[[int, dict], 
     steps = cfg.num_steps(seq_len)
     num_samples = steps * cfg.samples_per_step
     samples = torch_backend.training_samples(cfg, seq_len, config.vocab_size, num_samples)
-    if cfg.valid is not None:
-        torch_backend.open_dataset(cfg.valid, config.vocab_size)
+    valid = Windows(torch_backend.open_dataset(cfg.valid, config.vocab_size), seq_len + 1) if cfg.valid else None
     if sample_weights is None and cfg.weights:
         sample_weights = torch_backend.load_sample_weights(cfg.weights, num_samples)
-    meta = {**torch_backend.data_meta(cfg.data), "data": list(cfg.data), "init": cfg.init, "train": to_dict(cfg)}
+    meta = {**torch_backend.data_meta(cfg.data, config.vocab_size), "data": list(cfg.data), "init": cfg.init,
+            "train": to_dict(cfg)}
+    if cfg.init is not None:
+        torch_backend.check_init_tokenizer(cfg.init, meta)
 
     logging.getLogger("megatron.core").setLevel(logging.WARNING)  # it logs its whole config and every parameter name
     started_here = not torch.distributed.is_initialized()
@@ -375,7 +374,8 @@ def train(cfg: TrainConfig, sample_weights=None, on_step: Callable[[int, dict], 
             bar = progress(total=steps, initial=first_step, unit="step",
                            desc=f"train (megatron tp={cfg.parallel.tp} pp={cfg.parallel.pp} dp={dp})",
                            disable=not is_logger or os.environ.get("DSEL_PROGRESS") == "0")
-            batches = torch_backend.step_batches(samples, cfg, first_step, steps, sample_weights)
+            batches = torch_backend.step_batches(samples, cfg, first_step, steps, sample_weights,
+                                                 pin=torch.cuda.is_available())
             for step, micro_batches in enumerate(batches, first_step):
                 micro = [rank_rows(tokens, weights, dp, compute_device()) for tokens, weights in micro_batches]
                 lr = torch_backend.learning_rate(cfg, step, steps)
@@ -386,8 +386,9 @@ def train(cfg: TrainConfig, sample_weights=None, on_step: Callable[[int, dict], 
                 torch_backend.write_row(log_file, row)
                 bar.update()
                 bar.set_postfix(loss=f"{loss:.4f}")
-                if cfg.valid is not None and (done == steps or (cfg.eval_every and done % cfg.eval_every == 0)):
-                    torch_backend.write_row(log_file, {"step": done, "valid_loss": evaluate(ddp, cfg, seq_len, dp)})
+                if valid is not None and (done == steps or (cfg.eval_every and done % cfg.eval_every == 0)):
+                    valid_loss = evaluate(ddp, valid, cfg, seq_len, dp)
+                    torch_backend.write_row(log_file, {"step": done, "valid_loss": valid_loss})
                 if done == steps or (cfg.save_every and done % cfg.save_every == 0):
                     save_model_checkpoint(ddp, gpt, cfg, meta, done)
                     save_state(cfg, ddp, optimizer, done)
