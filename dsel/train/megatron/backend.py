@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -240,6 +241,7 @@ def save_model_checkpoint(ddp, gpt, cfg: TrainConfig, meta: dict, step: int) -> 
 
 
 def state_dir(cfg: TrainConfig) -> Path:
+    """Where the megatron backend keeps its resume state (beside the torch backend's state/state.pt)."""
     return Path(cfg.out) / "state" / "megatron"
 
 
@@ -277,8 +279,6 @@ def load_optimizer_state(optimizer, state: list) -> None:
 
 def save_state(cfg: TrainConfig, ddp, optimizer, step: int) -> None:
     """Write this rank's weights, optimizer state and RNG for `step`; rank 0 then points latest.json at it."""
-    import shutil
-
     rank, folder = torch.distributed.get_rank(), state_dir(cfg) / f"step-{step}"
     weights = {k: v for k, v in unwrap(ddp).state_dict().items() if not k.endswith("_extra_state")}
     state = {"step": step, "model": weights, "optimizer": optimizer_state(optimizer), "rng": torch.get_rng_state(),
