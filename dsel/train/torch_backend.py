@@ -316,8 +316,7 @@ def train(cfg: TrainConfig, sample_weights: SampleWeights | None = None,
     steps = cfg.num_steps(seq_len)
     num_samples = steps * cfg.samples_per_step
     samples = training_samples(cfg, seq_len, vocab_size, num_samples)
-    if cfg.valid is not None:
-        open_dataset(cfg.valid, vocab_size)
+    valid = Windows(open_dataset(cfg.valid, vocab_size), seq_len + 1) if cfg.valid is not None else None
     weights_of = sample_weights or (load_sample_weights(cfg.weights, num_samples) if cfg.weights else None)
     meta = {**data_meta(cfg.data), "data": list(cfg.data), "init": cfg.init, "train": to_dict(cfg)}
 
@@ -347,9 +346,9 @@ def train(cfg: TrainConfig, sample_weights: SampleWeights | None = None,
             write_row(log_file, row)
             bar.update()
             bar.set_postfix(loss=f"{loss:.4f}")
-            if cfg.valid is not None and (done == steps or (cfg.eval_every and done % cfg.eval_every == 0)):
-                valid_loss = evaluate(model, cfg.valid, seq_len + 1, cfg.batch_size, device, cfg.eval_batches,
-                                      cfg.precision)
+            if valid is not None and (done == steps or (cfg.eval_every and done % cfg.eval_every == 0)):
+                valid_loss = evaluate(model, valid, batch_size=cfg.batch_size, device=device,
+                                      max_batches=cfg.eval_batches, precision=cfg.precision)
                 write_row(log_file, {"step": done, "valid_loss": valid_loss})
                 bar.set_postfix(loss=f"{loss:.4f}", valid=f"{valid_loss:.4f}")
             if done == steps or (cfg.save_every and done % cfg.save_every == 0):
