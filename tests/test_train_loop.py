@@ -65,13 +65,13 @@ def test_evaluate_is_the_mean_window_loss(tmp_path):
     assert evaluate(model, data, window=17, batch_size=3, max_batches=2) == pytest.approx(expected, rel=1e-5)
 
 
-def test_schedule_is_linear_warmup_then_cosine_to_min_lr(tmp_path):
+def test_schedule_is_linear_warmup_then_cosine_to_min_lr_at_the_last_step(tmp_path):
     data = write_counting_dataset(tmp_path / "d")
     cfg = tiny_config(tmp_path, [data], steps=10, warmup=3, lr=1e-2, min_lr=1e-3)
     def hand(step, steps=10, warmup=3, lr=1e-2, min_lr=1e-3):
         if step < warmup:
             return lr * (step + 1) / warmup
-        return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
+        return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - 1 - warmup)))
     assert [learning_rate(cfg, s, 10) for s in range(10)] == pytest.approx([hand(s) for s in range(10)], rel=1e-12)
     train(cfg)
     steps, _ = read_log(tmp_path / "run")

@@ -41,7 +41,7 @@ class TrainConfig:
     init: Optional[str] = option(None, "checkpoint directory to start from (fine-tuning); None = random init")
     optimizer: Literal["adamw", "sgd"] = option("adamw", "adamw, or plain sgd (no momentum)")
     lr: float = option(3e-4, "peak learning rate")
-    min_lr: float = option(3e-5, "learning rate at the end of the cosine decay")
+    min_lr: float = option(3e-5, "learning rate of the last step (end of the cosine decay)")
     warmup: int = option(0, "linear warmup steps")
     steps: Optional[int] = option(None, "optimizer steps (set this or tokens)")
     tokens: Optional[int] = option(None, "training tokens, rounded up to whole steps (set this or steps)")

@@ -162,7 +162,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 
 
 def learning_rate(cfg: TrainConfig, step: int, steps: int) -> float:
-    """Linear warmup to lr, then cosine decay to min_lr at the end of the run."""
+    """Linear warmup to lr (step s < warmup: lr*(s+1)/warmup), then cosine decay to min_lr at the last step."""
     return lr_at(step, steps, cfg.lr, cfg.warmup, cfg.min_lr / cfg.lr)
 
 
