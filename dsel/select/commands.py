@@ -115,6 +115,7 @@ def run_select(cfg: SelectConfig) -> Path:
     plan = make_plan(cfg, source)
     selection = select(source, plan, num_windows, cfg.chunk_rows)
     out = Path(cfg.out)
+    (out / "selection.json").unlink(missing_ok=True)  # written last: present only with the outputs it describes
     with atomic_path(out / "indices.npy") as tmp, open(tmp, "wb") as f:
         np.save(f, selection.indices)
     histogram = write_histogram(out / "histogram.png", selection, plan)
