@@ -99,7 +99,8 @@ def window_length(cfg: SelectConfig) -> int:
 
 def run_select(cfg: SelectConfig) -> Path:
     """Select, then write indices.npy, histogram.png, the data shards + merge, selection.json."""
-    from dsel.select.materialise import materialise, open_corpus
+    from dsel.score.commands import open_windows
+    from dsel.select.materialise import materialise
     from dsel.select.methods import select
     from dsel.select.source import check_pool, open_scores
 
@@ -109,7 +110,7 @@ def run_select(cfg: SelectConfig) -> Path:
     source = open_scores(cfg.scores, window)
     if cfg.corpus and window <= 0:
         raise DselError(f"{cfg.scores}: no window length recorded (scores.json); set window=")
-    windows = open_corpus(cfg.corpus, window, cfg.memmap_dtype) if cfg.corpus else None
+    windows = open_windows(cfg.corpus, window, cfg.memmap_dtype) if cfg.corpus else None
     num_windows = len(windows) if windows is not None else source.num_rows
     check_pool(source, num_windows)
     plan = make_plan(cfg, source)
@@ -135,11 +136,11 @@ def write_histogram(path: Path, selection, plan) -> str | None:
     """The key histogram with the threshold line; None when there is nothing to plot (random, no column)."""
     if len(selection.sample) == 0:
         return None
-    from dsel.select.plot import score_histogram
+    from dsel.score.stats import score_histogram
 
     shown = f"{plan.expression} + {plan.temperature:g} * Gumbel" if plan.method == "gumbel" and plan.temperature else str(plan.expression)
     title = f"{plan.method}: {shown} ({len(selection.sample)} of {selection.pool} windows)"
-    score_histogram(selection.sample, path, threshold=selection.threshold, title=title)
+    score_histogram(selection.sample, path, threshold=selection.threshold, title=title, xlabel=shown)
     return str(path)
 
 

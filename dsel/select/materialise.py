@@ -6,22 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dsel.data.indexed import IndexedDataset, dataset_exists, merge_datasets
-from dsel.data.memmap import MemmapTokens
+from dsel.data.indexed import IndexedDataset, merge_datasets
 from dsel.data.windows import Windows, write_windows
-from dsel.errors import DselError
 from dsel.io import progress
 
 PART = re.compile(r"^part-(\d{5})\.(bin|idx)$")
-
-
-def open_corpus(path: str, window: int, memmap_dtype: str = "uint16") -> Windows:
-    """Windows over a Megatron prefix (prefix.idx + prefix.bin) or a headerless token file."""
-    if dataset_exists(path):
-        return Windows(IndexedDataset(path), window)
-    if Path(path).is_file() and not path.endswith(".idx"):
-        return Windows(MemmapTokens(path, memmap_dtype), window)
-    raise DselError(f"{path}: corpus not found (neither {path}.idx + {path}.bin nor a headerless token file)")
 
 
 def shard_prefixes(out_dir: Path, count: int) -> list[Path]:
