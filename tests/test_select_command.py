@@ -46,14 +46,14 @@ def corpus(tmp_path):
 
 
 def run(**settings):
-    return run_select(from_dict(SelectConfig, settings))
+    return run_select(from_dict(SelectConfig, {"workers": 1, **settings}))
 
 
 def test_select_writes_indices_json_histogram_and_data(corpus, tmp_path):
     prefix, scores, windows, table = corpus
     out = tmp_path / "out"
     main(["select", f"scores={scores}", f"corpus={prefix}", f"out={out}", "method=color", "column=color", "tau=4",
-          "shards=3", "chunk_rows=40"])
+          "shards=3", "workers=2", "chunk_rows=40"])
     n = len(windows)
     color = table.column("color").to_numpy().astype(np.float64)
     window = table.column("window").to_numpy()

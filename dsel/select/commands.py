@@ -12,6 +12,7 @@ tokens, per-domain shares). Every file is written under a temporary name and ren
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ class SelectConfig:
     window: int = option(0, "tokens per window; 0 = the window recorded in scores.json")
     memmap_dtype: str = option("uint16", "token dtype of a headerless corpus file")
     shards: int = option(4, "output shards (data/part-XXXXX) written before the merge into data/selected")
+    workers: int = option(0, "processes writing shards in parallel; 0 = min(shards, CPU count)")
     materialise: bool = option(True, "write the selected windows as Megatron datasets (needs corpus)")
     chunk_rows: int = option(1 << 20, "score rows read at a time (memory bound of the streaming passes)")
 
@@ -66,6 +68,8 @@ def check_settings(cfg: SelectConfig) -> None:
         raise DselError("method=color-batch keeps n of each tau*n draw; it takes no token_budget (use method=color)")
     if cfg.temperature < 0:
         raise DselError(f"temperature={cfg.temperature}: must be >= 0")
+    if cfg.workers < 0:
+        raise DselError(f"workers={cfg.workers}: must be >= 0")
     for name in ("shards", "chunk_rows", "color_batch"):
         if getattr(cfg, name) < 1:
             raise DselError(f"{name}={getattr(cfg, name)}: must be >= 1")
@@ -122,7 +126,7 @@ def run_select(cfg: SelectConfig) -> Path:
     histogram = write_histogram(out / "histogram.png", selection, plan)
     data = {}
     if cfg.materialise:
-        parts, merged = materialise(windows, selection.indices, out / "data", cfg.shards)
+        parts, merged = materialise(windows, selection.indices, out / "data", cfg.shards, cfg.workers or os.cpu_count() or 1)
         data = {"shards": [str(p) for p in parts], "selected": merged.prefix}
     summary = describe_selection(cfg, plan, selection, source, window, time.time() - start)
     summary["outputs"] = {"indices": str(out / "indices.npy"), "histogram": histogram, "data": data}
