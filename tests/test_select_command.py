@@ -108,6 +108,8 @@ def test_random_without_column_and_no_corpus(corpus, tmp_path):
     info = json.loads((out / "selection.json").read_text())
     assert info["k"] == round(len(windows) / 2) and info["threshold"] is None and info["expression"] is None
     assert info["outputs"]["histogram"] is None and not (out / "data").exists()
+    with pytest.raises(DselError, match="no corpus recorded .scores.json.; set corpus= or materialise=false"):
+        run(scores=str(scores), out=str(tmp_path / "r"), method="random")
 
 
 @pytest.mark.parametrize("settings,message", [
@@ -192,7 +194,7 @@ def test_select_reads_the_score_engine_table(corpus, tmp_path):
     prefix, _, windows, _ = corpus
     (tmp_path / "corpus.domains.jsonl").write_text("".join(f'"{"web" if d % 3 else "code"}"\n' for d in range(120)))
     score_windows(windows, SumScorer(), tmp_path / "scored", batch_size=16, shard_size=40, rank=0, world_size=1)
-    out = run(scores=str(tmp_path / "scored"), corpus=str(prefix), out=str(tmp_path / "o"), method="gumbel",
+    out = run(scores=str(tmp_path / "scored"), out=str(tmp_path / "o"), method="gumbel",  # corpus from scores.json
               column="loss_prior - loss_cond", fraction=0.25, seed=4)
     batch = windows.batch(np.arange(len(windows))).astype(np.float64)
     key = (batch % 97).mean(1).astype(np.float32).astype(np.float64) - (batch % 89).mean(1).astype(np.float32)
@@ -201,6 +203,7 @@ def test_select_reads_the_score_engine_table(corpus, tmp_path):
     expected = np.sort(np.lexsort((np.arange(len(windows)), -key))[: round(0.25 * len(windows))])
     np.testing.assert_array_equal(np.load(out / "indices.npy"), expected)
     info = json.loads((out / "selection.json").read_text())
-    assert info["window"] == WINDOW and set(info["domains"]) == {"web", "code"}
+    assert info["window"] == WINDOW and set(info["domains"]) == {"web", "code"} and info["corpus"] == str(prefix)
+    np.testing.assert_array_equal(IndexedDataset(out / "data" / "selected").stream, windows.batch(expected, dtype=np.uint16).ravel())
     doc = windows.doc_of_window
     assert info["domains"]["code"]["kept"] == int(np.sum(doc[expected] % 3 == 0))
