@@ -47,6 +47,7 @@ def test_scores_match_direct_computation(corpus, tmp_path):
     assert info["num_windows"] == n and info["num_shards"] == -(-n // 10) and info["meta"] == {"run": "a"}
     assert info["stats"]["tokens"] == n * WINDOW
     assert info["stats"]["columns"]["total"]["mean"] == pytest.approx(expected["total"].astype(np.float64).mean())
+    assert (tmp_path / "out" / "hist-total.png").read_bytes()[:4] == b"\x89PNG"
     marker = read_json(tmp_path / "out" / "shards" / "shard-000001.json")
     assert (marker["start"], marker["stop"]) == (10, 20)
     assert marker["stats"]["first"]["max"] == float(expected["first"][10:20].max())

@@ -8,6 +8,7 @@ Layout of `out_dir`:
     shards/shard-000042.json   completion marker: fingerprint, window range, shard stats
     scores.parquet             window, doc, doc_id, tokens, domain, <score columns>, by window
     scores.json                meta, counts, per-column (and per-domain) statistics
+    hist-<column>.png          histogram of each score column
     doc_scores.parquet         per document: token-weighted mean of every score column
 
 Shard k holds windows [k*S, (k+1)*S) and belongs to rank k % world_size. A shard counts as done
@@ -32,7 +33,7 @@ from dsel.data.docids import doc_ids_path, read_doc_ids
 from dsel.data.windows import Windows, source_name
 from dsel.errors import DselError, file_error
 from dsel.io import atomic_path, progress, read_json, require_file, write_json
-from dsel.score.stats import column_stats, table_stats
+from dsel.score.stats import column_stats, score_histogram, table_stats
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,10 @@ def join_torchrun(device=None) -> bool:
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
         return False
-    backend = "nccl" if device is not None and torch.device(device).type == "cuda" else "gloo"
+    on_gpu = device is not None and torch.device(device).type == "cuda"
+    if on_gpu and torch.device(device).index is not None:
+        torch.cuda.set_device(device)  # nccl's barrier runs on the current device
+    backend = "nccl" if on_gpu else "gloo"
     # a rank that finishes its shards early waits at the barrier for the slowest one
     dist.init_process_group(backend, timeout=datetime.timedelta(hours=24))
     return True
@@ -409,7 +413,8 @@ def write_parquet(table, path: Path, info: dict) -> None:
 
 
 def merge_scores(out_dir, windows: Windows | None = None) -> Path:
-    """Check coverage and write scores.parquet, scores.json and doc_scores.parquet; returns the first."""
+    """Check coverage and write scores.parquet, doc_scores.parquet, scores.json and the histograms;
+    returns the path of scores.parquet."""
     out = Path(out_dir)
     job = read_job(out)
     windows = windows if windows is not None else reopen_windows(job)
@@ -430,6 +435,8 @@ def merge_scores(out_dir, windows: Windows | None = None) -> Path:
         "has_doc_id": doc_ids is not None, "has_domain": domains is not None,
         "stats": table_stats(columns, np.full(len(windows), windows.window), window_domains),
     })
+    for name, values in columns.items():
+        score_histogram(values, out / f"hist-{name}.png", title=f"{name}: {len(values)} windows", xlabel=name)
     log.info("merged %d shards: %d windows x %s -> %s", num_shards(job), len(windows), job["columns"],
              out / "scores.parquet")
     return out / "scores.parquet"
