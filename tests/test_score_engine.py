@@ -8,7 +8,7 @@ import pytest
 from dsel.errors import DselError
 from dsel.io import read_json
 from dsel.score.commands import open_windows
-from dsel.score.engine import merge_scores, score_windows, write_doc_scores
+from dsel.score.engine import merge_scores, read_scores, score_windows, write_doc_scores
 from tests._score_util import EOD, FakeScorer, make_corpus, open_corpus, reference_scores
 
 WINDOW = 7
@@ -21,7 +21,7 @@ def corpus(tmp_path):
     return prefix, docs
 
 
-def read_scores(path):
+def table_dict(path):
     return pq.read_table(path).to_pydict()
 
 
@@ -58,7 +58,7 @@ def test_doc_scores_are_token_weighted_means(corpus, tmp_path):
     windows = open_corpus(prefix, WINDOW)
     score_windows(windows, FakeScorer(), tmp_path / "out", batch_size=8)
     doc_table = pq.read_table(tmp_path / "out" / "doc_scores.parquet").to_pydict()
-    scores = read_scores(tmp_path / "out" / "scores.parquet")
+    scores = table_dict(tmp_path / "out" / "scores.parquet")
     owner = np.concatenate([np.full(len(d), k) for k, d in enumerate(docs)])
     n = len(windows)
     weight, total = {}, {}
@@ -82,7 +82,7 @@ def test_domains_from_sidecar_give_per_domain_stats(corpus, tmp_path):
     (tmp_path / "corpus.domains.jsonl").write_text("".join(f'"{d}"\n' for d in domains))
     windows = open_corpus(prefix, WINDOW)
     score_windows(windows, FakeScorer(), tmp_path / "out", batch_size=8)
-    table = read_scores(tmp_path / "out" / "scores.parquet")
+    table = table_dict(tmp_path / "out" / "scores.parquet")
     assert table["domain"] == [domains[d] for d in table["doc"]]
     by_domain = read_json(tmp_path / "out" / "scores.json")["stats"]["domains"]
     for name in ("web", "code"):
@@ -233,3 +233,16 @@ def test_scorer_columns_must_not_clash_with_table_columns(corpus, tmp_path):
 
     with pytest.raises(DselError, match=r"scorer columns \['tokens'\] must be distinct"):
         score_windows(open_corpus(prefix, WINDOW), Clash(), tmp_path / "out", batch_size=4)
+
+
+def test_read_scores_checks_file_and_columns(corpus, tmp_path):
+    prefix, _ = corpus
+    path = score_windows(open_corpus(prefix, WINDOW), FakeScorer(), tmp_path / "out", batch_size=4)
+    assert read_scores(tmp_path / "out", ["total"]).equals(read_scores(path))
+    with pytest.raises(DselError, match="has no column pds; it has window, doc, doc_id, tokens, total, first"):
+        read_scores(path, ["pds"])
+    with pytest.raises(DselError, match="score table .*not found"):
+        read_scores(tmp_path / "nothing")
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    with pytest.raises(DselError, match="bad.parquet: not a readable parquet file"):
+        read_scores(tmp_path / "bad.parquet")

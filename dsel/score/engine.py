@@ -442,6 +442,24 @@ def merge_scores(out_dir, windows: Windows | None = None) -> Path:
     return out / "scores.parquet"
 
 
+def read_scores(path, columns: list[str] = ()):
+    """The score table at `path` (a score directory or a .parquet file) as a pyarrow Table; DselError
+    when it is missing, unreadable or lacks one of `columns` (naming the ones it has)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path = require_file(path / "scores.parquet" if path.is_dir() else path, "score table (run `dsel score`)")
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as e:
+        raise file_error(path, f"not a readable parquet file ({e})") from None
+    absent = [name for name in columns if name not in table.column_names]
+    if absent:
+        raise file_error(path, f"has no column {', '.join(absent)}; it has {', '.join(table.column_names)}")
+    return table
+
+
 # ----- per-document scores -----------------------------------------------------------------------------
 def document_starts(source) -> np.ndarray:
     """Stream position where each document starts (int64)."""
@@ -483,12 +501,10 @@ def doc_score_table(windows: Windows, columns: dict[str, np.ndarray], doc_ids, d
 
 def write_doc_scores(out_dir, windows: Windows | None = None) -> Path:
     """(Re)write out_dir/doc_scores.parquet from scores.parquet, without rescoring."""
-    import pyarrow.parquet as pq
-
     out = Path(out_dir)
     job = read_job(out)
     windows = windows if windows is not None else reopen_windows(job)
-    table = pq.read_table(require_file(out / "scores.parquet", "score table (run `dsel score merge`)"))
+    table = read_scores(out, job["columns"])
     columns = {name: table.column(name).to_numpy() for name in job["columns"]}
     doc_ids, domains = document_labels(windows, job["meta"])
     path = out / "doc_scores.parquet"
