@@ -76,9 +76,12 @@ def start_distributed(device: str):
     if device == "auto" or (device == "cuda" and world > 1):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if gpu else "cpu"
     device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DselError(f"device={device} but no GPU is available")
-    return device, join_torchrun(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DselError(f"device={device} but no GPU is available")
+        if device.index is not None:
+            torch.cuda.set_device(device)  # nccl's barrier runs on the current device
+    return device, join_torchrun("nccl" if device.type == "cuda" else "gloo")
 
 
 def run_score(cfg: ScoreCommandConfig) -> Path:

@@ -155,18 +155,14 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return rank, world_size
 
 
-def join_torchrun(device=None) -> bool:
-    """Create the process group torchrun's environment describes (gloo, or nccl for a CUDA device),
-    unless there is none to join or one exists; returns whether it was created here."""
-    import torch
+def join_torchrun(backend: str = "gloo") -> bool:
+    """Create the process group torchrun's environment describes, unless there is none to join or
+    one exists; returns whether it was created here. The engine only needs barriers, which gloo
+    does on any device without assumptions about which GPU each rank uses."""
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
         return False
-    on_gpu = device is not None and torch.device(device).type == "cuda"
-    if on_gpu and torch.device(device).index is not None:
-        torch.cuda.set_device(device)  # nccl's barrier runs on the current device
-    backend = "nccl" if on_gpu else "gloo"
     # a rank that finishes its shards early waits at the barrier for the slowest one
     dist.init_process_group(backend, timeout=datetime.timedelta(hours=24))
     return True
@@ -245,7 +241,7 @@ def score_windows(windows: Windows, scorer, out_dir, batch_size: int, shard_size
     ranks then meet at a barrier and rank 0 merges. With explicit ranks and no process group (e.g.
     independent array jobs), rank 0 merges if every shard is finished, else `dsel score merge` does.
     """
-    created = join_torchrun(device) if rank is None and world_size is None else False
+    created = join_torchrun() if rank is None and world_size is None else False
     try:
         rank, world_size = resolve_rank(rank, world_size)
         if batch_size <= 0:
