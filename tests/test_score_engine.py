@@ -149,6 +149,11 @@ def test_merge_names_a_missing_or_duplicated_shard(corpus, tmp_path):
     (shards / "shard-000002.json").unlink()
     with pytest.raises(DselError, match=r"shard-000002.npz: missing or unfinished \(windows \[16, 24\)"):
         merge_scores(out)
+    shutil.copy(shards / "shard-000001.json", shards / "shard-000002.json")
+    (shards / "shard-000002.npz").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(DselError, match="shard-000002.npz: not a readable shard"):
+        merge_scores(out)
+    (shards / "shard-000002.json").unlink()
     (shards / "shard-000002.npz").rename(tmp_path / "x.npz")
     shutil.copy(shards / "shard-000001.json", shards / "shard-000002.json")
     with pytest.raises(DselError, match="shard-000002.npz: shard file .*not found"):

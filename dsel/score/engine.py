@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -342,7 +343,7 @@ def read_shard(path: Path, columns: list[str]) -> tuple[np.ndarray, dict[str, np
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {name: data[name] for name in data.files}
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise file_error(path, f"not a readable shard ({e})") from None
     absent = [name for name in ["window", *columns] if name not in arrays]
     if absent:
