@@ -70,10 +70,9 @@ def test_doc_scores_are_token_weighted_means(corpus, tmp_path):
     assert doc_table["doc_id"] == [f"doc-{d}" for d in sorted(weight)]
     assert doc_table["tokens"] == [weight[d] for d in sorted(weight)]
     np.testing.assert_allclose(doc_table["total"], [total[d] / weight[d] for d in sorted(weight)], rtol=1e-6)
-    before = (tmp_path / "out" / "doc_scores.parquet").read_bytes()
+    before = pq.read_table(tmp_path / "out" / "doc_scores.parquet")
     (tmp_path / "out" / "doc_scores.parquet").unlink()
-    write_doc_scores(tmp_path / "out")
-    assert pq.read_table(tmp_path / "out" / "doc_scores.parquet").equals(pq.read_table(__import__("io").BytesIO(before)))
+    assert pq.read_table(write_doc_scores(tmp_path / "out")).equals(before)
 
 
 def test_domains_from_sidecar_give_per_domain_stats(corpus, tmp_path):

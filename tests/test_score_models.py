@@ -37,8 +37,8 @@ def test_pds_scorer_through_dsel_score(corpus, tmp_path):
         expected = model(tokens).float().numpy()
     np.testing.assert_allclose(table["pds"], expected, rtol=1e-5, atol=1e-6)
     main(["pds", "score", f"model={tmp_path / 'scorer'}", f"data={corpus}", f"out={tmp_path / 'pds'}", "device=cpu"])
-    np.testing.assert_allclose(pq.read_table(tmp_path / "pds" / "scores.parquet").column("pds"), table["pds"], rtol=1e-5,
-                               atol=1e-6)  # another batch size: equal up to float rounding
+    via_pds = pq.read_table(tmp_path / "pds" / "scores.parquet").column("pds")
+    np.testing.assert_allclose(via_pds, table["pds"], rtol=1e-5, atol=1e-6)  # another batch size: up to rounding
 
 
 def test_color_scorer_through_dsel_score(corpus, tmp_path):

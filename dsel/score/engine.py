@@ -206,7 +206,8 @@ def run_scorer(scorer, tokens: np.ndarray, ids: np.ndarray, columns: list[str], 
             raise DselError(f"scorer column '{name}' has shape {values.shape}, expected ({len(ids)},)")
         bad = np.flatnonzero(~np.isfinite(values))
         if bad.size:
-            raise DselError(f"{corpus}: scorer gave a non-finite '{name}' score ({values[bad[0]]}) to window {ids[bad[0]]}")
+            raise DselError(f"{corpus}: scorer gave a non-finite '{name}' score ({values[bad[0]]}) to window "
+                            f"{ids[bad[0]]}")
         batch[name] = values
     return batch
 
