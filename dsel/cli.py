@@ -28,6 +28,7 @@ COMMAND_MODULES: list[str] = [
     "dsel.pds.commands",
     "dsel.data.commands",
     "dsel.score.commands",
+    "dsel.select.commands",
 ]
 
 # A one-word command that is also a group ("score" next to "score merge") is the group's `run`.
