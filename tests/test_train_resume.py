@@ -12,6 +12,7 @@ pytest.importorskip("dsel.models.gpt")  # lands on main with the models
 from dsel.cli import main
 from dsel.config import load_config
 from dsel.data.indexed import IndexedDatasetWriter
+from dsel.data.meta import write_meta
 from dsel.errors import DselError
 from dsel.models.checkpoint import load_model, save_model
 from dsel.models.gpt import GPT
@@ -136,3 +137,40 @@ def test_cli_trains_and_reports_bad_input(tmp_path, capsys):
         main(["train", f"data=[{tmp_path / 'missing'}]", f"out={tmp_path / 'x'}", "steps=1", "device=cpu"])
     assert exit_info.value.code == 2
     assert "dsel train: error: " in capsys.readouterr().err
+
+
+def test_finetune_refuses_data_of_another_tokenizer(tmp_path):
+    data = write_counting_dataset(tmp_path / "d")
+    target = write_counting_dataset(tmp_path / "t", num_docs=12, seed=7)
+    meta = {"vocab_size": 64, "tokenizer": "a.model", "tokenizer_sha256": "a" * 64, "dtype": "uint16", "eod_id": 0}
+    write_meta(data, meta)
+    write_meta(target, {**meta, "tokenizer": "b.model", "tokenizer_sha256": "b" * 64})
+    prior = train(tiny_config(tmp_path / "prior", [data], steps=1))
+    with pytest.raises(DselError, match="model was trained with tokenizer aaaaaaaaaaaa..., the data uses bbbb"):
+        train(tiny_config(tmp_path / "ft", [target], init=str(prior), model={}, steps=1))
+
+
+def test_tokenizer_vocabulary_larger_than_the_model_is_refused(tmp_path):
+    data = write_counting_dataset(tmp_path / "d")
+    write_meta(data, {"vocab_size": 8000, "tokenizer": "t.model", "tokenizer_sha256": "c" * 64, "dtype": "uint16",
+                      "eod_id": 0})
+    with pytest.raises(DselError, match="d.meta.json: tokenizer vocabulary 8000 exceeds the model's vocab_size 64"):
+        train(tiny_config(tmp_path, [data]))
+
+
+def test_bf16_autocast_trains_on_cpu_when_asked(tmp_path):
+    data = write_counting_dataset(tmp_path / "d")
+    train(tiny_config(tmp_path, [data], precision="bf16", steps=3))
+    assert all(np.isfinite(r["loss"]) for r in log_rows(tmp_path / "run"))
+
+
+def test_megatron_backend_is_dispatched_to_its_module(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    seen = []
+    fake = types.ModuleType("dsel.train.megatron.backend")
+    fake.train = lambda cfg: seen.append(cfg) or tmp_path / "model"
+    monkeypatch.setitem(sys.modules, "dsel.train.megatron.backend", fake)
+    main(["train", "data=[d]", f"out={tmp_path}", "steps=2", "backend=megatron", "parallel.tp=2"])
+    assert len(seen) == 1 and seen[0].backend == "megatron" and seen[0].parallel.tp == 2
