@@ -103,7 +103,7 @@ def training_samples(cfg: TrainConfig, seq_len: int, vocab_size: int, num_sample
     return BlendedSamples(datasets, weights, seq_len, cfg.seed, num_samples)
 
 
-def data_meta(prefixes: Sequence[str], model_vocab: int) -> dict:
+def data_meta(prefixes: Sequence[str], model_vocab: int | None = None) -> dict:
     """tokenizer, tokenizer_sha256 and vocab_size of the data (from <prefix>.meta.json), checked to agree."""
     found: dict = {}
     for prefix in prefixes:
@@ -114,7 +114,7 @@ def data_meta(prefixes: Sequence[str], model_vocab: int) -> dict:
         meta = {k: read_meta(prefix)[k] for k in ("tokenizer", "tokenizer_sha256", "vocab_size")}
         if found and meta["tokenizer_sha256"] != found["tokenizer_sha256"]:
             raise file_error(path, f"tokenizer differs from the one of {prefixes[0]}")
-        if meta["vocab_size"] > model_vocab:
+        if model_vocab is not None and meta["vocab_size"] > model_vocab:
             raise file_error(path, f"tokenizer vocabulary {meta['vocab_size']} exceeds the model's vocab_size "
                                    f"{model_vocab}; set model.vocab_size (or a preset) to at least that")
         found = found or meta
