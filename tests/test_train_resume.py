@@ -48,6 +48,8 @@ def test_resumed_run_equals_uninterrupted_run_bit_for_bit(tmp_path, optimizer):
     with pytest.raises(Killed):
         train(cfg, on_step=kill_after(5))  # last checkpoint at step 4; step 5 is logged, then lost
     assert max(r["step"] for r in log_rows(tmp_path / "killed" / "run")) == 5
+    with open(tmp_path / "killed" / "run" / "log.jsonl", "a") as log_file:
+        log_file.write('{"step": 6, "lo')  # a row torn by the kill
     resumed = train(cfg)
     assert log_rows(tmp_path / "killed" / "run") == log_rows(tmp_path / "whole" / "run")
     (a, meta_a), (b, meta_b) = load_model(whole), load_model(resumed)

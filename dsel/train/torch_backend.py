@@ -171,7 +171,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    fused = params[0].is_cuda  # one fused kernel per step on GPU
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
 def learning_rate(cfg: TrainConfig, step: int, steps: int) -> float:
@@ -272,7 +273,7 @@ def load_state(cfg: TrainConfig) -> dict | None:
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a corrupt file
         raise file_error(path, f"cannot be read as a training state ({type(e).__name__})") from None
     old, new = state["config"], to_dict(cfg)
@@ -288,12 +289,20 @@ def tokens_per_step(cfg: TrainConfig, model) -> int:
 
 
 def cut_log(path: Path, step: int) -> None:
-    """Keep only the log rows of steps <= `step` (the resumed run writes the rest again)."""
+    """Keep only the log rows of steps <= `step` (the resumed run writes the rest again; a torn row goes too)."""
     if not path.is_file():
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    rows = [line for line in path.read_text().splitlines() if logged_step(line) <= step]
     with atomic_path(path) as tmp:
         tmp.write_text("".join(row + "\n" for row in rows))
+
+
+def logged_step(line: str) -> float:
+    """The step of a log row; infinity for a row cut short by a kill."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
 
 
 # ---------------------------------------------------------------------------------------------
