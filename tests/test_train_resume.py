@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 import json
+import sys
+import types
 
 import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("dsel.models.gpt")  # lands on main with the models
-
 from dsel.cli import main
 from dsel.config import load_config
-from dsel.data.indexed import IndexedDatasetWriter
+from dsel.data.indexed import IndexedDataset, IndexedDatasetWriter
+from dsel.data.loader import GPTSampleLoader
 from dsel.data.meta import write_meta
 from dsel.errors import DselError
 from dsel.models.checkpoint import load_model, save_model
@@ -78,8 +79,6 @@ def test_finetune_starts_from_init_weights_and_architecture(tmp_path):
     tuned, meta = load_model(train(cfg))
     assert tuned.config == prior_model.config and meta["init"] == str(prior)
     first_loss = log_rows(tmp_path / "ft" / "run")[0]["loss"]
-    from dsel.data.indexed import IndexedDataset
-    from dsel.data.loader import GPTSampleLoader
     batch = GPTSampleLoader(IndexedDataset(target), 16, 4, cfg.seed, num_samples=8).batch(np.arange(4))
     with torch.no_grad():
         assert first_loss == pytest.approx(prior_model.loss(torch.from_numpy(batch)).item(), rel=1e-5)
@@ -167,9 +166,6 @@ def test_bf16_autocast_trains_on_cpu_when_asked(tmp_path):
 
 
 def test_megatron_backend_is_dispatched_to_its_module(tmp_path, monkeypatch):
-    import sys
-    import types
-
     seen = []
     fake = types.ModuleType("dsel.train.megatron.backend")
     fake.train = lambda cfg: seen.append(cfg) or tmp_path / "model"

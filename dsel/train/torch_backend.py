@@ -34,7 +34,7 @@ from dsel.data.indexed import IndexedDataset
 from dsel.data.loader import GPTSampleLoader, WindowStream, prefetched
 from dsel.data.meta import meta_path, read_meta
 from dsel.data.windows import Windows
-from dsel.errors import DselError, file_error
+from dsel.errors import file_error
 from dsel.io import atomic_path, progress, read_json
 from dsel.train.config import TrainConfig
 
