@@ -12,9 +12,6 @@ import torch.nn.functional as F
 from dsel.data.indexed import IndexedDataset
 from dsel.data.loader import GPTSampleLoader
 from dsel.data.meta import write_meta
-
-pytest.importorskip("dsel.models.gpt")  # lands on main with the models
-
 from dsel.models.checkpoint import load_model
 from dsel.train.torch_backend import blending_index, build_model, evaluate, learning_rate, train
 from tests._train_util import tiny_config, write_counting_dataset

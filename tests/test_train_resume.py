@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import json
+import sys
+import types
 
 import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("dsel.models.gpt")  # lands on main with the models
-
 from dsel.cli import main
 from dsel.config import load_config
-from dsel.data.indexed import IndexedDatasetWriter
+from dsel.data.indexed import IndexedDataset, IndexedDatasetWriter
+from dsel.data.loader import GPTSampleLoader
+from dsel.data.meta import write_meta
 from dsel.errors import DselError
 from dsel.models.checkpoint import load_model, save_model
 from dsel.models.gpt import GPT
@@ -47,6 +49,8 @@ def test_resumed_run_equals_uninterrupted_run_bit_for_bit(tmp_path, optimizer):
     with pytest.raises(Killed):
         train(cfg, on_step=kill_after(5))  # last checkpoint at step 4; step 5 is logged, then lost
     assert max(r["step"] for r in log_rows(tmp_path / "killed" / "run")) == 5
+    with open(tmp_path / "killed" / "run" / "log.jsonl", "a") as log_file:
+        log_file.write('{"step": 6, "lo')  # a row torn by the kill
     resumed = train(cfg)
     assert log_rows(tmp_path / "killed" / "run") == log_rows(tmp_path / "whole" / "run")
     (a, meta_a), (b, meta_b) = load_model(whole), load_model(resumed)
@@ -75,8 +79,6 @@ def test_finetune_starts_from_init_weights_and_architecture(tmp_path):
     tuned, meta = load_model(train(cfg))
     assert tuned.config == prior_model.config and meta["init"] == str(prior)
     first_loss = log_rows(tmp_path / "ft" / "run")[0]["loss"]
-    from dsel.data.indexed import IndexedDataset
-    from dsel.data.loader import GPTSampleLoader
     batch = GPTSampleLoader(IndexedDataset(target), 16, 4, cfg.seed, num_samples=8).batch(np.arange(4))
     with torch.no_grad():
         assert first_loss == pytest.approx(prior_model.loss(torch.from_numpy(batch)).item(), rel=1e-5)
@@ -136,3 +138,37 @@ def test_cli_trains_and_reports_bad_input(tmp_path, capsys):
         main(["train", f"data=[{tmp_path / 'missing'}]", f"out={tmp_path / 'x'}", "steps=1", "device=cpu"])
     assert exit_info.value.code == 2
     assert "dsel train: error: " in capsys.readouterr().err
+
+
+def test_finetune_refuses_data_of_another_tokenizer(tmp_path):
+    data = write_counting_dataset(tmp_path / "d")
+    target = write_counting_dataset(tmp_path / "t", num_docs=12, seed=7)
+    meta = {"vocab_size": 64, "tokenizer": "a.model", "tokenizer_sha256": "a" * 64, "dtype": "uint16", "eod_id": 0}
+    write_meta(data, meta)
+    write_meta(target, {**meta, "tokenizer": "b.model", "tokenizer_sha256": "b" * 64})
+    prior = train(tiny_config(tmp_path / "prior", [data], steps=1))
+    with pytest.raises(DselError, match="model was trained with tokenizer aaaaaaaaaaaa..., the data uses bbbb"):
+        train(tiny_config(tmp_path / "ft", [target], init=str(prior), model={}, steps=1))
+
+
+def test_tokenizer_vocabulary_larger_than_the_model_is_refused(tmp_path):
+    data = write_counting_dataset(tmp_path / "d")
+    write_meta(data, {"vocab_size": 8000, "tokenizer": "t.model", "tokenizer_sha256": "c" * 64, "dtype": "uint16",
+                      "eod_id": 0})
+    with pytest.raises(DselError, match="d.meta.json: tokenizer vocabulary 8000 exceeds the model's vocab_size 64"):
+        train(tiny_config(tmp_path, [data]))
+
+
+def test_bf16_autocast_trains_on_cpu_when_asked(tmp_path):
+    data = write_counting_dataset(tmp_path / "d")
+    train(tiny_config(tmp_path, [data], precision="bf16", steps=3))
+    assert all(np.isfinite(r["loss"]) for r in log_rows(tmp_path / "run"))
+
+
+def test_megatron_backend_is_dispatched_to_its_module(tmp_path, monkeypatch):
+    seen = []
+    fake = types.ModuleType("dsel.train.megatron.backend")
+    fake.train = lambda cfg: seen.append(cfg) or tmp_path / "model"
+    monkeypatch.setitem(sys.modules, "dsel.train.megatron.backend", fake)
+    main(["train", "data=[d]", f"out={tmp_path}", "steps=2", "backend=megatron", "parallel.tp=2"])
+    assert len(seen) == 1 and seen[0].backend == "megatron" and seen[0].parallel.tp == 2

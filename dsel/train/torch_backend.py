@@ -34,8 +34,8 @@ from dsel.data.indexed import IndexedDataset
 from dsel.data.loader import GPTSampleLoader, WindowStream, prefetched
 from dsel.data.meta import meta_path, read_meta
 from dsel.data.windows import Windows
-from dsel.errors import DselError, file_error
-from dsel.io import atomic_path, progress
+from dsel.errors import file_error
+from dsel.io import atomic_path, progress, read_json
 from dsel.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -103,18 +103,31 @@ def training_samples(cfg: TrainConfig, seq_len: int, vocab_size: int, num_sample
     return BlendedSamples(datasets, weights, seq_len, cfg.seed, num_samples)
 
 
-def data_meta(prefixes: Sequence[str]) -> dict:
+def data_meta(prefixes: Sequence[str], model_vocab: int | None = None) -> dict:
     """tokenizer, tokenizer_sha256 and vocab_size of the data (from <prefix>.meta.json), checked to agree."""
     found: dict = {}
     for prefix in prefixes:
-        if not Path(meta_path(prefix)).is_file():
-            log.warning("%s not found: the checkpoint will not record the tokenizer", meta_path(prefix))
+        path = meta_path(prefix)
+        if not Path(path).is_file():
+            log.warning("%s not found: the checkpoint will not record the tokenizer", path)
             continue
         meta = {k: read_meta(prefix)[k] for k in ("tokenizer", "tokenizer_sha256", "vocab_size")}
         if found and meta["tokenizer_sha256"] != found["tokenizer_sha256"]:
-            raise file_error(meta_path(prefix), f"tokenizer differs from the one of {prefixes[0]}")
+            raise file_error(path, f"tokenizer differs from the one of {prefixes[0]}")
+        if model_vocab is not None and meta["vocab_size"] > model_vocab:
+            raise file_error(path, f"tokenizer vocabulary {meta['vocab_size']} exceeds the model's vocab_size "
+                                   f"{model_vocab}; set model.vocab_size (or a preset) to at least that")
         found = found or meta
     return found
+
+
+def check_init_tokenizer(init: str, data: dict) -> None:
+    """Refuse fine-tuning a checkpoint on data tokenized with another tokenizer (when both record one)."""
+    meta_file = Path(init) / "meta.json"
+    have = read_json(meta_file).get("tokenizer_sha256") if meta_file.is_file() else None
+    want = data.get("tokenizer_sha256")
+    if have and want and have != want:
+        raise file_error(init, f"model was trained with tokenizer {have[:12]}..., the data uses {want[:12]}...")
 
 
 def load_sample_weights(path: str, num_samples: int) -> SampleWeights:
@@ -158,7 +171,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    fused = params[0].is_cuda  # one fused kernel per step on GPU
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
 def learning_rate(cfg: TrainConfig, step: int, steps: int) -> float:
@@ -259,7 +273,7 @@ def load_state(cfg: TrainConfig) -> dict | None:
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a corrupt file
         raise file_error(path, f"cannot be read as a training state ({type(e).__name__})") from None
     old, new = state["config"], to_dict(cfg)
@@ -275,12 +289,20 @@ def tokens_per_step(cfg: TrainConfig, model) -> int:
 
 
 def cut_log(path: Path, step: int) -> None:
-    """Keep only the log rows of steps <= `step` (the resumed run writes the rest again)."""
+    """Keep only the log rows of steps <= `step` (the resumed run writes the rest again; a torn row goes too)."""
     if not path.is_file():
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    rows = [line for line in path.read_text().splitlines() if logged_step(line) <= step]
     with atomic_path(path) as tmp:
         tmp.write_text("".join(row + "\n" for row in rows))
+
+
+def logged_step(line: str) -> float:
+    """The step of a log row; infinity for a row cut short by a kill."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,7 +340,9 @@ def train(cfg: TrainConfig, sample_weights: SampleWeights | None = None,
     samples = training_samples(cfg, seq_len, vocab_size, num_samples)
     valid = Windows(open_dataset(cfg.valid, vocab_size), seq_len + 1) if cfg.valid is not None else None
     weights_of = sample_weights or (load_sample_weights(cfg.weights, num_samples) if cfg.weights else None)
-    meta = {**data_meta(cfg.data), "data": list(cfg.data), "init": cfg.init, "train": to_dict(cfg)}
+    meta = {**data_meta(cfg.data, vocab_size), "data": list(cfg.data), "init": cfg.init, "train": to_dict(cfg)}
+    if cfg.init is not None:
+        check_init_tokenizer(cfg.init, meta)
 
     model.to(device).train()
     optimizer = make_optimizer(model, cfg)
