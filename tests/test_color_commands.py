@@ -106,7 +106,6 @@ def test_train_prior_refuses_data_and_out_in_train(setup):
 
 
 def test_color_score_writes_the_scorers_values(setup):
-    pytest.importorskip("dsel.score.engine")  # until the score stage lands on main
     cond = setup / "cond-target"
     if not cond.is_dir():
         main(["color", "finetune", f"prior={setup / 'prior'}", f"target={setup / 'target'}", f"out={cond}", "device=cpu"])
@@ -124,7 +123,6 @@ def test_color_score_writes_the_scorers_values(setup):
 
 
 def test_color_score_refuses_a_window_longer_than_the_context(setup):
-    pytest.importorskip("dsel.score.engine")  # until the score stage lands on main
     from dsel.color.commands import ColorScoreConfig, run_score
 
     cfg = load_config(ColorScoreConfig, None, [f"corpus={setup / 'corpus'}", f"prior={setup / 'prior'}",
@@ -136,7 +134,6 @@ def test_color_score_refuses_a_window_longer_than_the_context(setup):
 def test_pipeline_ranks_target_topic_documents_first(setup):
     """train-prior -> finetune -> score through the CLI: windows of TOPIC documents get higher CoLoR."""
     pytest.importorskip("dsel.train.torch_backend")  # until the train stage lands on main
-    pytest.importorskip("dsel.score.engine")  # until the score stage lands on main
     run = setup / "pipeline"
     main(["color", "train-prior", f"corpus={setup / 'corpus'}", f"out={run / 'prior'}", "fraction=0.5", "seed=3",
           *tiny_train_settings(setup, 60)])
