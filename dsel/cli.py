@@ -29,6 +29,7 @@ COMMAND_MODULES: list[str] = [
     "dsel.data.commands",
     "dsel.score.commands",
     "dsel.select.commands",
+    "dsel.train.commands",
 ]
 
 # A one-word command that is also a group ("score" next to "score merge") is the group's `run`.
