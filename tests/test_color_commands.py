@@ -94,7 +94,6 @@ def tiny_train_settings(setup, steps):
 
 
 def test_train_prior_refuses_data_and_out_in_train(setup):
-    pytest.importorskip("dsel.train.torch_backend")  # until the train stage lands on main
     from dsel.color.commands import ColorTrainPriorConfig, run_train_prior
 
     cfg = load_config(ColorTrainPriorConfig, None, [f"corpus={setup / 'corpus'}", f"out={setup / 'x'}", "train.data=[a]"])
@@ -133,7 +132,6 @@ def test_color_score_refuses_a_window_longer_than_the_context(setup):
 
 def test_pipeline_ranks_target_topic_documents_first(setup):
     """train-prior -> finetune -> score through the CLI: windows of TOPIC documents get higher CoLoR."""
-    pytest.importorskip("dsel.train.torch_backend")  # until the train stage lands on main
     run = setup / "pipeline"
     main(["color", "train-prior", f"corpus={setup / 'corpus'}", f"out={run / 'prior'}", "fraction=0.5", "seed=3",
           *tiny_train_settings(setup, 60)])
