@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from dsel.cli import main
-from dsel.color.commands import ColorFinetuneConfig, run_finetune
+from dsel.color.commands import (ColorFinetuneConfig, ColorScoreConfig, ColorTrainPriorConfig, run_finetune, run_score,
+                                 run_train_prior)
 from dsel.color.scorer import ColorScorer, mean_token_losses
 from dsel.color.target import padded_batch
 from dsel.config import load_config
 from dsel.data.indexed import IndexedDataset
-from dsel.data.meta import read_meta
+from dsel.data.meta import read_meta, write_meta
 from dsel.data.windows import Windows
 from dsel.errors import DselError
 from dsel.models.checkpoint import load_model, save_model
@@ -94,7 +95,6 @@ def tiny_train_settings(setup, steps):
 
 
 def test_train_prior_refuses_data_and_out_in_train(setup):
-    from dsel.color.commands import ColorTrainPriorConfig, run_train_prior
 
     cfg = load_config(ColorTrainPriorConfig, None, [f"corpus={setup / 'corpus'}", f"out={setup / 'x'}", "train.data=[a]"])
     with pytest.raises(DselError, match="train.data: set by color train-prior"):
@@ -122,8 +122,6 @@ def test_color_score_writes_the_scorers_values(setup):
 
 
 def test_color_score_refuses_a_window_longer_than_the_context(setup):
-    from dsel.color.commands import ColorScoreConfig, run_score
-
     cfg = load_config(ColorScoreConfig, None, [f"corpus={setup / 'corpus'}", f"prior={setup / 'prior'}",
                                                 f"out={setup / 'unused'}", "window=130", "device=cpu"])
     with pytest.raises(DselError, match="prior: window of 130 tokens .* longer than the context"):
@@ -150,3 +148,24 @@ def test_pipeline_ranks_target_topic_documents_first(setup):
     table = pq.read_table(run / "scores" / "scores.parquet").to_pydict()
     color, on_topic = np.asarray(table["color"]), np.asarray(table["doc"]) % 2 == 0
     assert color[on_topic].mean() > color[~on_topic].mean() + 0.1
+
+
+def test_color_score_reads_dolma_memmaps_and_checks_their_tokenizer(setup):
+    """A headerless .bin with its meta scores like the Megatron dataset; another tokenizer is refused."""
+    stream = IndexedDataset(setup / "corpus").stream
+    stream.astype(np.uint16).tofile(setup / "flat.bin")
+    meta = read_meta(setup / "corpus")
+    write_meta(setup / "flat", meta)
+    out = setup / "flat-scores"
+    main(["color", "score", f"corpus={setup / 'flat.bin'}", f"prior={setup / 'prior'}", f"out={out}", "window=24",
+          "device=cpu"])
+    table = pq.read_table(out / "scores.parquet").to_pydict()
+    windows = torch.from_numpy(stream[: len(stream) // 24 * 24].astype(np.int64).reshape(-1, 24))
+    want = ColorScorer({"prior": load_model(setup / "prior")[0]})(windows)["loss_prior"].numpy()
+    assert np.array_equal(np.asarray(table["loss_prior"], dtype=np.float32), want)
+
+    write_meta(setup / "flat", {**meta, "tokenizer_sha256": "0" * 64})
+    cfg = load_config(ColorScoreConfig, None, [f"corpus={setup / 'flat.bin'}", f"prior={setup / 'prior'}",
+                                                f"out={setup / 'unused'}", "device=cpu"])
+    with pytest.raises(DselError, match="prior: model has tokenizer_sha256=.* but data .*flat has"):
+        run_score(cfg)
