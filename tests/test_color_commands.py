@@ -72,6 +72,12 @@ def finetune_config(setup, **settings):
     return load_config(ColorFinetuneConfig, None, [f"{k}={v}" for k, v in settings.items()])
 
 
+def test_finetune_reads_exponent_learning_rates(setup):
+    assert finetune_config(setup, target="t.jsonl", lr="1e-4").lr == 1e-4  # YAML 1.1 reads 1e-4 as a string
+    with pytest.raises(DselError, match="'lr' should be float"):
+        finetune_config(setup, target="t.jsonl", lr="fast")
+
+
 def test_finetune_refuses_another_tokenizer(setup):
     main(["tokenize", f"input={setup / 'target.jsonl'}", f"output={setup / 'other'}", "vocab_size=300"])
     with pytest.raises(DselError, match="other.model: not the tokenizer the prior"):
@@ -90,7 +96,7 @@ def test_finetune_needs_a_tokenizer_for_text(setup):
 def tiny_train_settings(setup, steps):
     vocab = read_meta(setup / "corpus")["vocab_size"]
     model = {"vocab_size": vocab, "seq_len": 32, "n_layer": 1, "n_head": 2, "d_model": 32}
-    return [f"train.preset=tiny", f"train.steps={steps}", "train.batch_size=4", "train.lr=0.003", "train.device=cpu"] + [
+    return [f"train.preset=tiny", f"train.steps={steps}", "train.batch_size=4", "train.lr=3e-3", "train.device=cpu"] + [
         f"train.model.{k}={v}" for k, v in model.items()]
 
 
