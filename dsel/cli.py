@@ -27,6 +27,7 @@ COMMAND_MODULES: list[str] = [
     "dsel.color.commands",
     "dsel.pds.commands",
     "dsel.data.commands",
+    "dsel.eval.commands",
 ]
 
 
