@@ -1,0 +1,117 @@
+"""Model checkpoints: a directory with `model.pt`, `config.json` and `meta.json`.
+
+`config.json` holds the architecture name and its GPTConfig, enough to rebuild the module;
+`meta.json` is free-form provenance (tokenizer, data, training settings) that later stages check
+against their inputs. A checkpoint is written into a temporary directory and renamed into place,
+so a killed save never leaves a half-written checkpoint and never destroys the previous one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dsel.config import from_dict
+from dsel.errors import DselError, file_error
+from dsel.io import read_json
+from dsel.models.config import GPTConfig
+
+
+def architectures() -> dict[str, type]:
+    """Architecture name -> module class."""
+    from dsel.models.gpt import GPT
+    from dsel.models.scorer import Scorer
+
+    return {GPT.arch: GPT, Scorer.arch: Scorer}
+
+
+def build_model(arch: str, config: GPTConfig) -> nn.Module:
+    """A freshly initialised module of architecture `arch`."""
+    classes = architectures()
+    if arch not in classes:
+        raise DselError(f"unknown model architecture '{arch}'; known: {', '.join(classes)}")
+    return classes[arch](config)
+
+
+def save_model(path: str | os.PathLike, model: nn.Module, meta: dict | None = None) -> Path:
+    """Write `model` (its weights, architecture and config) and `meta` as a checkpoint directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        torch.save(state, tmp / "model.pt")
+        config = {"arch": model.arch, "model": dataclasses.asdict(model.config)}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "meta.json").write_text(json.dumps(meta or {}, indent=2, sort_keys=True, default=str) + "\n")
+        _replace_dir(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _replace_dir(new: Path, path: Path) -> None:
+    """Move directory `new` onto `path`; the old `path` is removed only once the new one is in place."""
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(new, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_model_config(path: str | os.PathLike) -> tuple[str, GPTConfig]:
+    """(architecture, GPTConfig) of a checkpoint directory, without loading its weights."""
+    path = Path(path)
+    if not path.is_dir():
+        raise file_error(path, "model checkpoint directory not found")
+    config = read_json(path / "config.json")
+    if not isinstance(config, dict) or "arch" not in config or "model" not in config:
+        raise file_error(path / "config.json", "is not a dsel model config (needs 'arch' and 'model')")
+    return config["arch"], from_dict(GPTConfig, config["model"], str(path / "config.json"))
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """(module on `device`, meta) from a checkpoint directory."""
+    path = Path(path)
+    arch, config = read_model_config(path)
+    model = build_model(arch, config)
+    load_weights(model, path)
+    meta = read_json(path / "meta.json") if (path / "meta.json").is_file() else {}
+    return model.to(device), meta
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a checkpoint's weights into `model`, refusing any name or shape mismatch."""
+    weights = Path(path) / "model.pt"
+    if not weights.is_file():
+        raise file_error(weights, "model weights not found")
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a corrupt file
+        raise file_error(weights, f"cannot be read as a torch state dict ({type(e).__name__})") from None
+    mismatch = check_state_dict(model, state)
+    if mismatch:
+        raise file_error(path, f"checkpoint from another architecture: {mismatch}")
+    model.load_state_dict(state)
+
+
+def check_state_dict(model: nn.Module, state: dict) -> str:
+    """'' when `state` fits `model` exactly, else a short description of the first mismatch."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing:
+        return f"missing {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+    if unexpected:
+        return f"unexpected {unexpected[0]}" + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else "")
+    for name, tensor in own.items():
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            return f"{name} has shape {tuple(state[name].shape)}, the model expects {tuple(tensor.shape)}"
+    return ""

@@ -1,0 +1,193 @@
+"""The dsel GPT: a pre-norm decoder with rotary embeddings, laid out like megatron-core's GPTModel.
+
+Parameter names and shapes are those of megatron-core's local layer spec (`embedding.
+word_embeddings`, `decoder.layers.{i}.self_attention.linear_qkv`, ..., `output_layer`), and the
+fused QKV weight uses megatron's grouped layout (per key/value group: that group's query heads,
+then its key head, then its value head). A dsel checkpoint therefore loads into a megatron-core
+model with a renaming at most (dsel.train.megatron.convert), and the same weights give the same
+logits in both.
+
+The LM head is fused with the loss (`kernels.linear_cross_entropy`): training, scoring and
+evaluation never materialise the [tokens x vocab] logits; `forward` does, for small uses only.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsel.models.config import GPTConfig
+
+IGNORE_INDEX = -100
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    """LayerNorm (with bias) or RMSNorm, as megatron's `normalization` setting."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.d_model, eps=config.norm_eps)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps)
+
+
+def rotary_frequencies(seq_len: int, head_dim: int, base: float, device=None) -> torch.Tensor:
+    """Rotation angles [seq_len, head_dim]: megatron's RotaryEmbedding (frequencies repeated twice)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    return torch.cat((angles, angles), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, L, H, D] by angles [L, D] in the non-interleaved (rotate-half) convention."""
+    cos, sin = angles.cos()[:, None, :].to(x.dtype), angles.sin()[:, None, :].to(x.dtype)
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+class SelfAttention(nn.Module):
+    """Causal grouped-query attention with a fused QKV projection in megatron's layout."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.groups, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        qkv_out = self.groups * (self.n_head // self.groups + 2) * self.head_dim
+        self.linear_qkv = nn.Linear(config.d_model, qkv_out, bias=config.bias)
+        self.linear_proj = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=config.bias)
+
+    def forward(self, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+        b, length, _ = x.shape
+        per_group = self.n_head // self.groups
+        qkv = self.linear_qkv(x).view(b, length, self.groups, (per_group + 2) * self.head_dim)
+        q, k, v = qkv.split([per_group * self.head_dim, self.head_dim, self.head_dim], dim=-1)
+        q = apply_rotary(q.reshape(b, length, self.n_head, self.head_dim), angles)
+        k = apply_rotary(k, angles)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, L, D]
+        if per_group > 1:
+            k, v = k.repeat_interleave(per_group, dim=1), v.repeat_interleave(per_group, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.linear_proj(out.transpose(1, 2).reshape(b, length, -1))
+
+
+class MLP(nn.Module):
+    """GeLU MLP, or SwiGLU with the gate and up projections stacked in one `linear_fc1`."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.gated = config.activation == "swiglu"
+        fc1_out = config.ffn_size * (2 if self.gated else 1)
+        self.linear_fc1 = nn.Linear(config.d_model, fc1_out, bias=config.bias)
+        self.linear_fc2 = nn.Linear(config.ffn_size, config.d_model, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.linear_fc1(x)
+        if self.gated:
+            gate, up = x.chunk(2, dim=-1)
+            x = F.silu(gate) * up
+        else:
+            x = F.gelu(x)
+        return self.linear_fc2(x)
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.input_layernorm = make_norm(config)
+        self.self_attention = SelfAttention(config)
+        self.pre_mlp_layernorm = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attention(self.input_layernorm(x), angles)
+        return x + self.mlp(self.pre_mlp_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(TransformerLayer(config) for _ in range(config.n_layer))
+        self.final_layernorm = make_norm(config)
+
+
+class Embedding(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.d_model)
+
+
+class GPT(nn.Module):
+    """Decoder-only LM. `hidden_states` + `head_weight` is the contract the PDS solver and scorers use."""
+
+    arch = "gpt"
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config.validate()
+        self.embedding = Embedding(config)
+        self.decoder = Decoder(config)
+        if not config.tie_embeddings:
+            self.output_layer = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Megatron's init: N(0, std) weights, std/sqrt(2*layers) for the residual outputs, zero biases."""
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if "layernorm" in name:
+                nn.init.ones_(p) if name.endswith("weight") else nn.init.zeros_(p)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+                nn.init.normal_(p, std=std / math.sqrt(2 * self.config.n_layer))
+            else:
+                nn.init.normal_(p, std=std)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The output projection [V, d] (the input embedding when tied)."""
+        return self.embedding.word_embeddings.weight if self.config.tie_embeddings else self.output_layer.weight
+
+    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states [B, L, d] of token ids [B, L]."""
+        if tokens.shape[1] > self.config.seq_len:
+            raise ValueError(f"{tokens.shape[1]} tokens exceed the model's context of {self.config.seq_len}")
+        angles = rotary_frequencies(tokens.shape[1], self.config.head_dim, self.config.rope_base, tokens.device)
+        x = self.embedding.word_embeddings(tokens)
+        for layer in self.decoder.layers:
+            x = layer(x, angles)
+        return self.decoder.final_layernorm(x)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits [B, L, V] (materialised: for tests and small evaluations)."""
+        hidden = self.hidden_states(tokens)
+        return hidden @ self.head_weight.to(hidden.dtype).T
+
+    def token_losses(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token cross-entropy [B, W-1] of windows [B, W] (0 where targets are IGNORE_INDEX).
+
+        Without `targets` the window predicts its own shifted tokens; the head and the loss are
+        fused, so no logits are materialised.
+        """
+        from kernels import linear_cross_entropy
+
+        inputs = tokens[:, :-1]
+        targets = tokens[:, 1:] if targets is None else targets
+        hidden = self.hidden_states(inputs)
+        losses = linear_cross_entropy(hidden.flatten(0, 1), self.head_weight.to(hidden.dtype), targets.flatten())
+        return losses.view(targets.shape)
+
+    def sequence_losses(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean next-token loss of each window [B] over its non-ignored targets (float32)."""
+        targets = tokens[:, 1:] if targets is None else targets
+        counts = (targets != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+        return self.token_losses(tokens, targets).float().sum(dim=1) / counts
+
+    def loss(self, tokens: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Training loss: the mean window loss, or sum_n weights[n] * loss_n (PDS's weighted loss)."""
+        losses = self.sequence_losses(tokens)
+        if weights is None:
+            return losses.mean()
+        if weights.shape != losses.shape:
+            raise ValueError(f"weights of shape {tuple(weights.shape)} for {len(losses)} windows")
+        return (weights.to(losses) * losses).sum()
