@@ -28,6 +28,7 @@ COMMAND_MODULES: list[str] = [
     "dsel.pds.commands",
     "dsel.data.commands",
     "dsel.eval.commands",
+    "dsel.pipeline.commands",
 ]
 
 
