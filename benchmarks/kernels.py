@@ -10,10 +10,8 @@ when those packages import. Prints a table with ratios and writes JSON.
 Targets (GPU): peak memory >= 10x below torch; time <= best of torch/Liger/CCE; JVP <= 2x forward.
 """
 import argparse
-import gc
 import os
 import sys
-import time
 
 # This script shares its name with the package it measures: keep its own folder off sys.path.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
@@ -22,6 +20,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import kernels  # noqa: E402
+from dsel.benchmarking import measure  # noqa: E402
 from dsel.io import write_json  # noqa: E402
 
 GPU_DEFAULTS = dict(vocab=[32768, 50304, 128256], dim=[768, 1024, 2048], tokens=[16384, 65536])
@@ -53,63 +52,6 @@ def optional_implementations():
     except ImportError:
         pass
     return found
-
-
-class PeakMemory:
-    """Peak extra bytes allocated inside the block (CUDA allocator, or process RSS on CPU)."""
-
-    def __init__(self, device):
-        self.device = device
-        self.peak = None
-
-    def __enter__(self):
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated()
-        else:
-            self.start = _reset_rss_peak()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.start
-        elif self.start is not None:
-            self.peak = max(0, _proc_status_kib("VmHWM") - self.start) * 1024
-
-
-def _proc_status_kib(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def _reset_rss_peak():
-    """Reset VmHWM to the current RSS and return it in KiB (None where Linux does not allow it)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _proc_status_kib("VmRSS")
-    except OSError:
-        return None
-
-
-def measure(fn, device, repeats):
-    """(median seconds, peak extra bytes) of fn(); one warm-up run first."""
-    fn()
-    with PeakMemory(device) as mem:
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2], mem.peak
 
 
 def with_backward(loss_fn, h, W, y, g):

@@ -27,9 +27,15 @@ COMMAND_MODULES: list[str] = [
     "dsel.color.commands",
     "dsel.pds.commands",
     "dsel.data.commands",
+    "dsel.score.commands",
+    "dsel.select.commands",
+    "dsel.train.commands",
     "dsel.eval.commands",
     "dsel.pipeline.commands",
 ]
+
+# A one-word command that is also a group ("score" next to "score merge") is the group's `run`.
+DEFAULT_SUBCOMMAND = "run"
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,8 @@ def build_parser(commands: list[Command]) -> argparse.ArgumentParser:
     groups: dict[str, argparse._SubParsersAction] = {}
     for cmd in commands:
         words = cmd.name.split()
+        if len(words) == 1 and words[0] in group_names(commands):
+            words.append(DEFAULT_SUBCOMMAND)
         target = top
         if len(words) == 2:
             if words[0] not in groups:
@@ -76,10 +84,30 @@ def build_parser(commands: list[Command]) -> argparse.ArgumentParser:
     return parser
 
 
+def group_names(commands: list[Command]) -> set[str]:
+    """First words of the two-word commands."""
+    return {cmd.name.split()[0] for cmd in commands if " " in cmd.name}
+
+
+def with_default_subcommand(argv: list[str], commands: list[Command]) -> list[str]:
+    """`dsel score k=v` -> `dsel score run k=v` when "score" is both a command and a group."""
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        i += 2 if argv[i] == "--log-level" else 1
+    if i >= len(argv) or argv[i] not in group_names(commands) or argv[i] not in {c.name for c in commands}:
+        return argv
+    subcommands = {c.name.split()[1] for c in commands if c.name.startswith(argv[i] + " ")}
+    following = argv[i + 1] if i + 1 < len(argv) else None
+    if following in subcommands or following in ("-h", "--help", DEFAULT_SUBCOMMAND):
+        return argv
+    return argv[: i + 1] + [DEFAULT_SUBCOMMAND] + argv[i + 1 :]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `dsel` command: parse, load the config, run; bad input exits with 2."""
-    parser = build_parser(all_commands())
-    args = parser.parse_args(argv)
+    commands = all_commands()
+    parser = build_parser(commands)
+    args = parser.parse_args(with_default_subcommand(sys.argv[1:] if argv is None else list(argv), commands))
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )

@@ -1,13 +1,10 @@
 """GPTSampleLoader against megatron-core's GPTDataset itself: same indices, same samples."""
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-from megatron.core.datasets.utils import Split
 
 from dsel.data.indexed import IndexedDataset, IndexedDatasetWriter
 from dsel.data.loader import GPTSampleLoader
+from dsel.data.megatron_reference import megatron_gpt_dataset
 from dsel.errors import DselError
 
 VOCAB, EOD = 500, 0
@@ -24,13 +21,7 @@ def dataset(tmp_path_factory):
 
 
 def megatron_dataset(ds, seq_len, seed, num_samples, indices, cache):
-    tokenizer = SimpleNamespace(vocab_size=VOCAB, eod=EOD, pad=VOCAB + 1, eos=EOD, unique_identifiers={"name": "test"})
-    config = GPTDatasetConfig(
-        random_seed=seed, sequence_length=seq_len, blend=([ds.prefix], None), split="1,0,0", path_to_cache=str(cache),
-        tokenizer=tokenizer, reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
-    )
-    low_level = GPTDataset.build_low_level_dataset(ds.prefix, config)
-    return GPTDataset(low_level, ds.prefix, indices, num_samples, Split.train, config)
+    return megatron_gpt_dataset(ds.prefix, seq_len, seed, num_samples, indices, cache, VOCAB, EOD)
 
 
 # (seq_len, seed, num_samples, indices, epochs, separate final epoch) on a 1906-token corpus: one

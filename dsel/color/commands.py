@@ -1,6 +1,7 @@
-"""`dsel color finetune` and `dsel color score`: CoLoR-Filter's conditional model and its scores.
+"""`dsel color train-prior|finetune|score`: CoLoR-Filter's prior and conditional models and scores.
 
-    dsel color finetune prior=ckpt/prior target=target.jsonl out=ckpt/cond
+    dsel color train-prior corpus=data/pool fraction=0.1 out=runs/prior train.steps=20000
+    dsel color finetune prior=runs/prior/model target=target.jsonl out=ckpt/cond
     dsel color score corpus=data/pool prior=ckpt/prior cond=ckpt/cond out=scores/color
 
 `score` writes, per window of the corpus, `loss_prior`, `loss_cond` and `color = loss_prior -
@@ -12,7 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from dsel.cli import Command
 from dsel.color.config import ColorScorerConfig, Precision
@@ -26,12 +27,25 @@ log = logging.getLogger(__name__)
 class ColorScoreConfig(ColorScorerConfig):
     """`dsel color score`: per-window losses of each model and the CoLoR score, in shards."""
 
-    corpus: str = option(help="Megatron dataset prefix of the pool to score (prefix.bin / prefix.idx)")
+    corpus: str = option(help="corpus: Megatron dataset prefix, or a headerless .bin/.npy token file (dolma)")
     out: str = option(help="output directory (shards, then scores.parquet)")
     window: Optional[int] = option(None, "tokens per window; None = the models' context length")
     batch_size: int = option(64, "windows per batch handed to the scorer")
     shard_size: Optional[int] = option(None, "windows per shard file; None = 64 batches")
-    device: str = option("auto", "cpu, cuda, cuda:N or auto")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N (under torchrun, auto = cuda:LOCAL_RANK)")
+    memmap_dtype: str = option("uint16", "token dtype of headerless token files")
+
+
+@dataclass
+class ColorTrainPriorConfig:
+    """`dsel color train-prior`: the prior LM, trained by `dsel train` on a random slice of the corpus."""
+
+    corpus: str = option(help="Megatron dataset prefix of the corpus")
+    out: str = option(help="output directory: slice.* (the documents trained on) and dsel train's model/, state/, log.jsonl")
+    fraction: float = option(1.0, "fraction of the corpus documents, drawn at random, to train on (1.0 = all)")
+    seed: int = option(0, "seed of the random slice")
+    train: dict[str, Any] = option({}, "dsel train settings (TrainConfig) other than data and out, e.g. "
+                                       "{steps: 20000, lr: 1e-3}; preset defaults to color-150m")
 
 
 @dataclass
@@ -67,71 +81,119 @@ def resolve_device(name: str):
         raise DselError(f"device must be cpu, cuda, cuda:N or auto, got {name!r}") from None
 
 
-def check_corpus_matches(prefix: str, scorer) -> None:
-    """Refuse a corpus tokenized with another tokenizer than the models (from its meta sidecar)."""
+def check_data_matches(prefix: str, models) -> None:
+    """Refuse data tokenized with another tokenizer than the models (`ScoredModel`s; from the meta sidecar)."""
     from dsel.data.meta import read_meta
 
     if not Path(f"{prefix}.meta.json").is_file():
-        log.warning("%s.meta.json not found: cannot check the corpus tokenizer against the models", prefix)
+        log.warning("%s.meta.json not found: cannot check its tokenizer against the models", prefix)
         return
-    corpus = read_meta(prefix)
-    for m in scorer.models:
-        for key in ("vocab_size", "tokenizer_hash"):
-            have, want = m.meta.get(key), corpus.get(key)
+    data = read_meta(prefix)
+    for m in models:
+        for key in ("vocab_size", "tokenizer_sha256"):
+            have, want = m.meta.get(key), data.get(key)
             if have is not None and want is not None and have != want:
-                raise DselError(f"{m.checkpoint}: model has {key}={have!r} but corpus {prefix} has {key}={want!r}")
+                raise DselError(f"{m.checkpoint}: model has {key}={have!r} but data {prefix} has {key}={want!r}")
+
+
+def random_slice(prefix: str, fraction: float, seed: int, out_prefix: str) -> str:
+    """Write a seeded random `fraction` of the documents of `prefix` (kept in corpus order) as `out_prefix`."""
+    import numpy as np
+
+    from dsel.data.indexed import IndexedDataset, subset_dataset
+    from dsel.data.meta import read_meta, write_meta
+
+    if not 0 < fraction <= 1:
+        raise DselError(f"fraction must be in (0, 1], got {fraction}")
+    if fraction == 1:
+        return prefix
+    num_documents = IndexedDataset(prefix).num_documents
+    count = max(1, round(fraction * num_documents))
+    ids = np.sort(np.random.default_rng(seed).choice(num_documents, size=count, replace=False))
+    sliced = subset_dataset(prefix, ids, out_prefix)
+    if Path(f"{prefix}.meta.json").is_file():
+        write_meta(out_prefix, {**read_meta(prefix), "slice_of": prefix, "fraction": fraction, "seed": seed,
+                                "num_documents": count, "num_tokens": sliced.num_tokens})
+    log.info("prior slice: %d of %d documents of %s -> %s", count, num_documents, prefix, out_prefix)
+    return out_prefix
+
+
+def run_train_prior(cfg: ColorTrainPriorConfig):
+    """Train the prior on a random slice of the corpus with `dsel train`; returns the checkpoint directory."""
+    from dsel.config import from_dict
+    from dsel.train.commands import run_train
+    from dsel.train.config import TrainConfig
+
+    reserved = sorted({"data", "out"} & set(cfg.train))
+    if reserved:
+        raise DselError(f"train.{reserved[0]}: set by color train-prior (from corpus, fraction and out); remove it")
+    data = random_slice(cfg.corpus, cfg.fraction, cfg.seed, str(Path(cfg.out) / "slice"))
+    settings = {"preset": "color-150m", **cfg.train, "data": [data], "out": cfg.out}
+    train_cfg = from_dict(TrainConfig, settings, "color train-prior: train")
+    return run_train(train_cfg)
 
 
 def run_score(cfg: ColorScoreConfig):
-    """Score every window of the corpus with the models; returns the score table's path."""
+    """Score every window of the corpus with the models (this rank's shards; rank 0 merges)."""
+    import torch.distributed as dist
+
     from dsel.color.scorer import load_scorer
-    from dsel.data.indexed import IndexedDataset
-    from dsel.data.windows import Windows
+    from dsel.score.commands import open_windows, start_distributed
     from dsel.score.engine import score_windows
 
-    device = resolve_device(cfg.device)
-    scorer = load_scorer(cfg, device)
-    window = cfg.window or min(m.context for m in scorer.models)
-    scorer.check_window(window)
-    check_corpus_matches(cfg.corpus, scorer)
-    windows = Windows(IndexedDataset(cfg.corpus), window)
-    meta = {"scorer": "color", "corpus": cfg.corpus, "window": window,
-            "models": {m.name: m.checkpoint for m in scorer.models}, "micro_batch": cfg.micro_batch}
-    table = score_windows(windows, scorer, cfg.out, cfg.batch_size, shard_size=cfg.shard_size, device=device, meta=meta)
+    device, created = start_distributed(cfg.device)
+    try:
+        scorer = load_scorer(cfg, device)
+        window = cfg.window or min(m.context for m in scorer.models)
+        scorer.check_window(window)
+        check_data_matches(cfg.corpus.removesuffix(".bin").removesuffix(".npy"), scorer.models)
+        windows = open_windows(cfg.corpus, window, cfg.memmap_dtype)
+        meta = {"scorer": "color", "corpus": cfg.corpus, "window": window, "micro_batch": cfg.micro_batch,
+                "precision": cfg.precision, "models": {m.name: m.checkpoint for m in scorer.models}}
+        table = score_windows(windows, scorer, cfg.out, cfg.batch_size, shard_size=cfg.shard_size, device=device,
+                              meta=meta)
+    finally:
+        if created:
+            dist.destroy_process_group()
     log.info("CoLoR scores of %d windows -> %s", len(windows), table)
     return table
 
 
-def target_pieces(cfg: ColorFinetuneConfig, meta: dict, length: int, vocab_size: int):
-    """The target data as token pieces of at most `length` tokens, in the prior's vocabulary."""
+def target_pieces(cfg: ColorFinetuneConfig, prior, length: int):
+    """The target data as pieces of at most `length` tokens, in the vocabulary of `prior` (a ScoredModel)."""
     from dsel.color.target import (check_token_range, dataset_documents, read_jsonl_texts, split_documents,
                                    tokenize_texts)
 
     if cfg.target.endswith((".jsonl", ".json")):
-        tokenizer_path = cfg.tokenizer or meta.get("tokenizer")
+        tokenizer_path = cfg.tokenizer or prior.meta.get("tokenizer")
         if not tokenizer_path:
             raise DselError(f"{cfg.prior}: checkpoint records no tokenizer; set tokenizer= to tokenize {cfg.target}")
         from dsel.data.tokenize import load_tokenizer
 
-        documents = tokenize_texts(read_jsonl_texts(cfg.target, cfg.text_key), load_tokenizer(tokenizer_path))
+        tokenizer = load_tokenizer(tokenizer_path)
+        if prior.meta.get("tokenizer_sha256") not in (None, tokenizer.sha256):
+            raise DselError(f"{tokenizer_path}: not the tokenizer the prior {cfg.prior} was trained with (sha256 differs)")
+        documents = tokenize_texts(read_jsonl_texts(cfg.target, cfg.text_key), tokenizer)
     else:
+        check_data_matches(cfg.target, [prior])
         documents = dataset_documents(cfg.target)
     pieces = split_documents(documents, length)
     if not pieces:
         raise DselError(f"{cfg.target}: no target document has 2 or more tokens")
-    check_token_range(pieces, vocab_size, cfg.target)
+    check_token_range(pieces, prior.vocab_size, cfg.target)
     return pieces
 
 
 def run_finetune(cfg: ColorFinetuneConfig):
     """Fine-tune the prior on the target data and save the conditional model."""
     from dsel.color.finetune import finetune_model
+    from dsel.color.scorer import ScoredModel
     from dsel.color.target import epoch_batches
     from dsel.models.checkpoint import load_model, save_model
 
     device = resolve_device(cfg.device)
     model, meta = load_model(cfg.prior, device)
-    pieces = target_pieces(cfg, meta, model.config.seq_len + 1, model.config.vocab_size)
+    pieces = target_pieces(cfg, ScoredModel("prior", model, cfg.prior, meta), model.config.seq_len + 1)
     batches = [b for epoch in range(cfg.epochs) for b in epoch_batches(pieces, cfg.batch_size, 0, cfg.seed + epoch)]
     losses = finetune_model(model, batches, len(batches), lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup,
                             min_lr_ratio=cfg.min_lr_ratio, grad_clip=cfg.grad_clip, device=device,
@@ -143,6 +205,8 @@ def run_finetune(cfg: ColorFinetuneConfig):
 
 
 COMMANDS = [
+    Command("color train-prior", "train the prior LM on a random slice of the corpus (via dsel train)",
+            ColorTrainPriorConfig, run_train_prior),
     Command("color finetune", "fine-tune the prior on target data (one epoch, AdamW lr 1e-3) -> conditional model",
             ColorFinetuneConfig, run_finetune),
     Command("color score", "per-window losses of prior and conditional models and the CoLoR score, in shards",

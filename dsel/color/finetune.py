@@ -13,15 +13,16 @@ from typing import Iterable
 
 import torch
 
-from dsel.color.scorer import autocast_for
+from dsel.color.scorer import next_token_losses
 from dsel.io import progress
 
 log = logging.getLogger(__name__)
 
 
-def masked_mean_loss(model: torch.nn.Module, tokens: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+def masked_mean_loss(model: torch.nn.Module, tokens: torch.Tensor, loss_mask: torch.Tensor,
+                     precision: str = "auto") -> torch.Tensor:
     """Mean next-token loss over the unmasked targets of a padded batch (tokens [B, L], mask [B, L-1])."""
-    losses = model.token_losses(tokens[:, :-1], tokens[:, 1:], loss_mask)
+    losses = next_token_losses(model, tokens, loss_mask, precision)
     return losses.sum() / loss_mask.sum().clamp(min=1)
 
 
@@ -29,7 +30,7 @@ def lr_at(step: int, total: int, lr: float, warmup: int, min_ratio: float) -> fl
     """Linear warmup for `warmup` steps, then cosine decay to `min_ratio * lr` at the last step."""
     if step < warmup:
         return lr * (step + 1) / warmup
-    progress_frac = (step - warmup) / max(1, total - warmup)
+    progress_frac = (step - warmup) / max(1, total - 1 - warmup)
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress_frac)))
 
 
@@ -44,8 +45,7 @@ def finetune_model(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor,
     for step, (tokens, loss_mask) in enumerate(progress(batches, total=total_steps, desc="finetune", unit="step")):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total_steps, lr, warmup, min_lr_ratio)
-        with autocast_for(device, precision):
-            loss = masked_mean_loss(model, tokens.to(device), loss_mask.to(device))
+        loss = masked_mean_loss(model, tokens.to(device), loss_mask.to(device), precision)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip > 0:

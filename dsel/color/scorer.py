@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from dsel.color.target import padded_batch
+from dsel.color.target import length_mask, padded_batch
 from dsel.color.config import ColorScorerConfig
 from dsel.config import from_dict
 from dsel.errors import DselError
@@ -53,26 +53,34 @@ def autocast_for(device: torch.device, precision: str):
     raise DselError(f"precision must be auto, bf16 or fp32, got {precision!r}")
 
 
+def next_token_losses(model: torch.nn.Module, tokens: torch.Tensor, loss_mask: torch.Tensor | None = None,
+                      precision: str = "auto") -> torch.Tensor:
+    """Per-token next-token cross-entropy [B, L-1] (float32) of tokens [B, L]; 0 where loss_mask is False.
+
+    The head is fused with the loss (kernels.linear_cross_entropy), so no [tokens x vocab]
+    logits are materialised. Differentiable: the fine-tuning loop trains through it.
+    """
+    from kernels import IGNORE_INDEX, linear_cross_entropy
+
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    if loss_mask is not None:
+        targets = targets.masked_fill(~loss_mask, IGNORE_INDEX)
+    with autocast_for(tokens.device, precision):
+        hidden = model.hidden_states(inputs)
+    return linear_cross_entropy(hidden, model.head_weight.to(hidden.dtype), targets)
+
+
 def mean_token_losses(model: torch.nn.Module, tokens: torch.Tensor, lengths: torch.Tensor | None = None,
                       precision: str = "auto") -> torch.Tensor:
     """Mean next-token cross-entropy of each row of `tokens` [B, L] (float32 [B]).
 
     Row b predicts tokens[b, 1:lengths[b]] from the tokens before them; positions past a row's
-    length are padding and are masked out of its mean. The head is fused with the loss, so no
-    logits are materialised.
+    length are padding and are masked out of its mean.
     """
-    from kernels import linear_cross_entropy
-
-    inputs, targets = tokens[:, :-1], tokens[:, 1:].clone()
-    if lengths is not None:
-        positions = torch.arange(1, tokens.shape[1], device=tokens.device)
-        targets[positions[None, :] >= lengths[:, None]] = -100
-    with autocast_for(tokens.device, precision):
-        hidden = model.hidden_states(inputs)
-    weight = model.head_weight.to(hidden.dtype)
-    losses = linear_cross_entropy(hidden.flatten(0, 1), weight, targets.flatten()).view_as(targets)
-    counts = (targets != -100).sum(1)
-    return losses.float().sum(1) / counts.clamp(min=1)
+    if lengths is None:
+        return next_token_losses(model, tokens, precision=precision).mean(1)
+    mask = length_mask(lengths, tokens.shape[1])
+    return next_token_losses(model, tokens, mask, precision).sum(1) / mask.sum(1).clamp(min=1)
 
 
 class ColorScorer:
@@ -134,6 +142,8 @@ class ColorScorer:
         tokens, so little compute goes to padding; the padding is masked out of every mean.
         """
         lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
+        if not len(sequences) or int(lengths.min()) < 2:
+            raise DselError("score_sequences: every sequence needs at least 2 tokens to have a next-token loss")
         self.check_window(int(lengths.max()))
         out = {c: torch.empty(len(sequences), dtype=torch.float32) for c in self.columns}
         for rows in length_packed_batches(lengths, max_tokens):
@@ -171,7 +181,7 @@ class ColorScorer:
 
 
 def check_same_vocabulary(models: Sequence[ScoredModel]) -> None:
-    """Models scored together must share one tokenizer: same vocabulary size and tokenizer hash."""
+    """Models scored together must share one tokenizer: same vocabulary size and tokenizer_sha256."""
     first = models[0]
     for other in models[1:]:
         if other.vocab_size != first.vocab_size:
@@ -179,7 +189,7 @@ def check_same_vocabulary(models: Sequence[ScoredModel]) -> None:
                 f"models have different vocabularies: '{first.name}' ({first.checkpoint}) has "
                 f"vocab_size={first.vocab_size}, '{other.name}' ({other.checkpoint}) has {other.vocab_size}"
             )
-    hashes = {m.checkpoint: m.meta.get("tokenizer_hash") for m in models}
+    hashes = {m.checkpoint: m.meta.get("tokenizer_sha256") for m in models}
     if len({h for h in hashes.values() if h is not None}) > 1:
         listing = ", ".join(f"{path} (tokenizer {h})" for path, h in hashes.items())
         raise DselError(f"models were trained with different tokenizers: {listing}")

@@ -63,6 +63,11 @@ def split_documents(documents: Sequence[np.ndarray], length: int) -> list[np.nda
     return [p for p in pieces if len(p) >= 2]
 
 
+def length_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """Loss mask [B, width-1]: target position p (predicting token p+1) is real when p+1 < length."""
+    return torch.arange(1, width, device=lengths.device)[None, :] < lengths[:, None]
+
+
 def padded_batch(pieces: Sequence, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens [B, L] right-padded with `pad_id`, and a loss mask [B, L-1] over real targets."""
     longest = max(len(p) for p in pieces)
@@ -70,8 +75,7 @@ def padded_batch(pieces: Sequence, pad_id: int = 0) -> tuple[torch.Tensor, torch
     lengths = torch.tensor([len(p) for p in pieces])
     for row, piece in enumerate(pieces):
         tokens[row, : len(piece)] = torch.as_tensor(piece, dtype=torch.long)
-    loss_mask = torch.arange(1, longest)[None, :] < lengths[:, None]
-    return tokens, loss_mask
+    return tokens, length_mask(lengths, longest)
 
 
 def epoch_batches(pieces: Sequence[np.ndarray], batch_size: int, pad_id: int,

@@ -34,22 +34,25 @@ def prefetched(jobs: Sequence, make: Callable, depth: int) -> Iterator:
     ready: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def offer(item) -> bool:
+        """Queue `item` unless the consumer has stopped (never blocks a stopped consumer's join)."""
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce():
         try:
             for job in jobs:
-                item = (make(job), None)
-                while not stop.is_set():
-                    try:
-                        ready.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not offer((make(job), None)):
                     return
         except BaseException as e:  # handed to the consumer, re-raised there
-            ready.put((None, e))
+            offer((None, e))
             return
-        ready.put((None, StopIteration()))
+        offer((None, StopIteration()))
 
     worker = threading.Thread(target=produce, name="dsel-prefetch", daemon=True)
     worker.start()

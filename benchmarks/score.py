@@ -1,0 +1,165 @@
+"""CoLoR scoring throughput: ColorScorer (fused linear-CE) vs a plain torch scorer, same models.
+
+Both scorers run the same two GPTs (a prior and a conditional model, random weights: speed does
+not depend on them) over the same random windows, in the same micro-batches and under the same
+autocast (bf16 on GPU, fp32 on CPU). The only difference is the loss head: ColorScorer fuses the
+head with the cross-entropy (kernels.linear_cross_entropy, Triton on GPU) and never holds the
+[tokens x vocab] logits; the baseline materialises them and calls F.cross_entropy(reduction='none').
+Prints a table, writes JSON, and reports the speed ratio, tokens/s (of the pool and per model)
+and MFU = forward FLOPs/token x per-model tokens/s / peak FLOP/s.
+
+  python benchmarks/score.py                          # color-150m on GPU, small-cpu on CPU
+  python benchmarks/score.py --preset color-150m --batch-size 256 --micro-batch 64 --out score_gpu.json
+Reference: the CoLoR code scores ~0.7M tokens/s per H100 for one 150M model (bf16 autocast).
+"""
+import argparse
+import os
+import sys
+import time
+
+# benchmarks/kernels.py would shadow the kernels package: keep this script's folder off sys.path.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import kernels  # noqa: E402
+from dsel.color.scorer import ColorScorer, autocast_for  # noqa: E402
+from dsel.io import write_json  # noqa: E402
+from dsel.models.config import preset  # noqa: E402
+from dsel.models.gpt import GPT  # noqa: E402
+
+H100_BF16_DENSE_TFLOPS = 989.0  # spec sheet; REFERENCE.md measured ~800 on a large matmul
+
+
+class PlainTorchScorer:
+    """Baseline: materialised logits + F.cross_entropy(reduction='none'), otherwise as ColorScorer."""
+
+    def __init__(self, models: dict, micro_batch: int, device: torch.device, precision: str):
+        self.models, self.micro_batch, self.device, self.precision = models, micro_batch, device, precision
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        tokens = tokens.to(self.device)
+        out = {f"loss_{name}": torch.cat([self.mean_losses(model, tokens[i:i + self.micro_batch])
+                                          for i in range(0, len(tokens), self.micro_batch)]).cpu()
+               for name, model in self.models.items()}
+        out["color"] = out["loss_prior"] - out["loss_cond"]
+        return out
+
+    def mean_losses(self, model: GPT, tokens: torch.Tensor) -> torch.Tensor:
+        with autocast_for(self.device, self.precision):
+            logits = model(tokens[:, :-1])
+            return F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none").float().mean(1)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def seconds_of(fn, device: torch.device):
+    """(wall seconds, result) of fn(), with the device synchronised on both sides."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return time.perf_counter() - start, result
+
+
+def measured_matmul_tflops(device: torch.device, dtype: torch.dtype, size: int) -> float:
+    """The best FLOP/s of a square matmul here, over a few runs: the attainable peak for MFU."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    best = min(seconds_of(lambda: a @ b, device)[0] for _ in range(5))
+    return 2 * size ** 3 / best / 1e12
+
+
+def time_scorers(scorers: dict, batches: list[torch.Tensor], warmup: int, device: torch.device):
+    """Median seconds per batch of each scorer, and its scores of the last batch.
+
+    The scorers take turns on every batch, so load from other processes hits them alike.
+    """
+    for batch in batches[:warmup]:
+        for scorer in scorers.values():
+            scorer(batch)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, scores = {name: [] for name in scorers}, {}
+    for batch in batches:
+        for name, scorer in scorers.items():
+            seconds, scores[name] = seconds_of(lambda: scorer(batch), device)
+            times[name].append(seconds)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}, scores
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--preset", default=None, help="model preset (default color-150m on GPU, small-cpu on CPU)")
+    p.add_argument("--window", type=int, default=None, help="tokens per window (default the preset's seq_len)")
+    p.add_argument("--batch-size", type=int, default=None, help="windows per scorer call (default 128 GPU, 16 CPU)")
+    p.add_argument("--micro-batch", type=int, default=None, help="rows per forward (default 64 GPU, 8 CPU)")
+    p.add_argument("--batches", type=int, default=None, help="timed batches (default 20 GPU, 3 CPU)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed batches first")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak FLOP/s for MFU (default: H100 bf16 spec on GPU, a measured matmul on CPU)")
+    p.add_argument("--out", default="score_bench.json")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    preset_name = args.preset or ("color-150m" if gpu else "small-cpu")
+    config = preset(preset_name)
+    window = args.window or config.seq_len
+    batch_size = args.batch_size or (128 if gpu else 16)
+    micro_batch = args.micro_batch or (64 if gpu else 8)
+    precision = args.precision if args.precision != "auto" else ("bf16" if gpu else "fp32")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    if args.peak_tflops:
+        peak, peak_source = args.peak_tflops, "given"
+    elif gpu:
+        peak, peak_source = H100_BF16_DENSE_TFLOPS, "H100 bf16 dense spec"
+    else:
+        peak, peak_source = measured_matmul_tflops(device, dtype, 1024), "measured matmul"
+
+    models = {}
+    for seed, name in enumerate(("prior", "cond")):
+        torch.manual_seed(seed)
+        models[name] = GPT(config).to(device).eval()
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, config.vocab_size, (batch_size, window), generator=generator)
+               for _ in range(args.batches or (20 if gpu else 3))]
+    scorers = {"color": ColorScorer(models, micro_batch=micro_batch, device=device, precision=precision),
+               "torch": PlainTorchScorer(models, micro_batch, device, precision)}
+
+    flops_per_token = config.flops_per_token()
+    batch_tokens = batch_size * window
+    print(f"device={device} preset={preset_name} window={window} batch={batch_size} "
+          f"micro_batch={micro_batch} precision={precision} kernels={kernels.backend_name(batches[0].to(device))} "
+          f"params={config.num_params() / 1e6:.0f}M peak={peak:.1f} TFLOP/s ({peak_source})")
+    seconds, scores = time_scorers(scorers, batches, args.warmup, device)
+    print(f"{'scorer':<8} {'s/batch':>9} {'pool tok/s':>12} {'per-model tok/s':>16} {'MFU':>7}")
+    rows = {}
+    for name, sec in seconds.items():
+        per_model = batch_tokens * len(models) / sec
+        rows[name] = dict(seconds_per_batch=sec, pool_tokens_per_s=batch_tokens / sec, per_model_tokens_per_s=per_model,
+                          mfu=flops_per_token * per_model / (peak * 1e12))
+        print(f"{name:<8} {sec:9.4f} {batch_tokens / sec:12.0f} {per_model:16.0f} {rows[name]['mfu']:7.1%}")
+    peak_mib = torch.cuda.max_memory_allocated() / 2**20 if gpu else None
+    speedup = seconds["torch"] / seconds["color"]
+    max_diff = max(float((scores["color"][c] - scores["torch"][c]).abs().max()) for c in scores["color"])
+    print(f"speed ratio color/torch = {speedup:.2f}x  max |score difference| = {max_diff:.2e}"
+          + (f"  peak GPU memory (both) = {peak_mib:.0f} MiB" if gpu else ""))
+    write_json(args.out, dict(device=str(device), preset=preset_name, model=vars(config), window=window,
+                              batch_size=batch_size, micro_batch=micro_batch, precision=precision,
+                              batches=len(batches), warmup=args.warmup, peak_tflops=peak, peak_source=peak_source,
+                              flops_per_token=flops_per_token, rows=rows, speed_ratio=speedup, peak_gpu_mib=peak_mib,
+                              max_abs_score_difference=max_diff))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
