@@ -28,15 +28,15 @@ def test_eval_loss_per_domain_matches_logits(tmp_path):
     tokenized_slice(tmp_path, "legal", docs=20, tokenizer=meta["tokenizer"])
     checkpoint = tiny_checkpoint(tmp_path / "model", meta)
     out = tmp_path / "loss.json"
-    main(["eval", "loss", f"checkpoint={checkpoint}", "batch_size=3", "max_windows=7", f"out={out}",
+    main(["eval", "loss", f"checkpoint={checkpoint}", "batch_size=3", "max_batches=3", f"out={out}",
           f"data={{science: {tmp_path / 'science'}, legal: {tmp_path / 'legal'}}}"])
     result = json.loads(out.read_text())
     model, _ = load_model(checkpoint)
     assert result["window"] == 33 and set(result["losses"]) == {"science", "legal"}
     for name in ("science", "legal"):
         row = result["losses"][name]
-        assert row["windows"] == 7 and row["tokens"] == 7 * 32
-        assert row["loss"] == pytest.approx(reference_loss(model, str(tmp_path / name), 33, 7), rel=1e-5)
+        assert row["windows"] == 9 and row["tokens"] == 9 * 32
+        assert row["loss"] == pytest.approx(reference_loss(model, str(tmp_path / name), 33, 9), rel=1e-5)
 
 
 def test_eval_loss_refuses_data_of_another_tokenizer(tmp_path, capsys):

@@ -27,7 +27,7 @@ class EvalLossConfig:
     out: str = option("", "JSON file of the losses; '' = <checkpoint>/heldout_loss.json")
     window: int = option(0, "tokens per window; 0 = the model's seq_len + 1")
     batch_size: int = option(16, "windows per forward pass")
-    max_windows: int = option(0, "score at most this many windows per set (0 = all)")
+    max_batches: int = option(0, "evaluate at most this many batches per set (0 = every window)")
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
 
 
@@ -66,7 +66,7 @@ def run_loss(cfg: EvalLossConfig) -> dict:
     if not hasattr(model, "sequence_losses"):
         raise DselError(f"{cfg.checkpoint}: holds a '{model.arch}' model, not a GPT language model")
     window = cfg.window or model.config.seq_len + 1
-    losses = heldout_losses(model, cfg.data, window, cfg.batch_size, cfg.max_windows, device)
+    losses = heldout_losses(model, cfg.data, window, cfg.batch_size, cfg.max_batches, device)
     out = cfg.out or str(Path(cfg.checkpoint) / "heldout_loss.json")
     write_json(out, {"checkpoint": cfg.checkpoint, "window": window, "losses": losses})
     for name, row in losses.items():

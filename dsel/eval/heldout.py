@@ -1,9 +1,6 @@
 """Held-out loss of a checkpoint on tokenized validation sets: one number per domain."""
 from __future__ import annotations
 
-import numpy as np
-import torch
-
 from dsel.data.indexed import IndexedDataset
 from dsel.data.windows import Windows
 from dsel.errors import file_error
@@ -19,22 +16,18 @@ def validation_windows(prefix: str, window: int, vocab_size: int) -> Windows:
     return windows
 
 
-@torch.no_grad()
-def heldout_loss(model, windows: Windows, batch_size: int = 16, max_windows: int = 0, device="cpu") -> dict:
-    """Mean next-token loss over the (first `max_windows`, 0 = all) windows: {loss, windows, tokens}."""
-    count = len(windows) if max_windows <= 0 else min(max_windows, len(windows))
-    model.eval()
-    total = 0.0
-    for start in range(0, count, batch_size):
-        ids = np.arange(start, min(start + batch_size, count))
-        tokens = torch.from_numpy(windows.batch(ids)).to(device)
-        total += float(model.sequence_losses(tokens).double().sum())
-    return {"loss": total / count, "windows": count, "tokens": count * (windows.window - 1)}
+def heldout_loss(model, windows: Windows, batch_size: int = 16, max_batches: int = 0, device="cpu") -> dict:
+    """Mean next-token loss over the first `max_batches` batches (0 = all windows): {loss, windows, tokens}."""
+    from dsel.train.torch_backend import evaluate
+
+    count = len(windows) if max_batches <= 0 else min(max_batches * batch_size, len(windows))
+    loss = evaluate(model, windows, windows.window, batch_size, device, max_batches or None, precision="fp32")
+    return {"loss": loss, "windows": count, "tokens": count * (windows.window - 1)}
 
 
-def heldout_losses(model, datasets: dict[str, str], window: int, batch_size: int = 16, max_windows: int = 0,
+def heldout_losses(model, datasets: dict[str, str], window: int, batch_size: int = 16, max_batches: int = 0,
                    device="cpu") -> dict[str, dict]:
     """heldout_loss on every named validation dataset (name -> Megatron prefix)."""
     return {name: heldout_loss(model, validation_windows(prefix, window, model.config.vocab_size), batch_size,
-                               max_windows, device)
+                               max_batches, device)
             for name, prefix in datasets.items()}

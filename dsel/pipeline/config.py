@@ -60,7 +60,7 @@ class ColorConfig:
 class EvalConfig:
     """Evaluation of every pretrained model."""
 
-    max_windows: int = option(0, "held-out windows per validation set (0 = all)")
+    max_batches: int = option(0, "held-out batches per validation set (0 = every window)")
     batch_size: int = option(16, "windows per forward pass")
     lm_eval_tasks: list[str] = option(["dsel_science_facts"], "lm-eval tasks run on every model ([] = none)")
     builtin_tasks: bool = option(False, "index lm-eval's built-in tasks too (needed for e.g. hellaswag; slower)")

@@ -240,7 +240,7 @@ class Pipeline:
         checkpoint = str(self.runner.path(f"pretrain/{arm}") / "model")
         sets = {name: str(self.data / "valid" / name) for name in validation_inputs(self.cfg.data)}
         run_loss(EvalLossConfig(checkpoint=checkpoint, data=sets, out=str(out / "heldout_loss.json"),
-                                batch_size=self.cfg.eval.batch_size, max_windows=self.cfg.eval.max_windows,
+                                batch_size=self.cfg.eval.batch_size, max_batches=self.cfg.eval.max_batches,
                                 device=self.cfg.device))
         if self.cfg.eval.lm_eval_tasks:
             run_lm_eval(LmEvalConfig(checkpoint=checkpoint, tasks=list(self.cfg.eval.lm_eval_tasks),
