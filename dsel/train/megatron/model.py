@@ -1,0 +1,139 @@
+"""A dsel GPTConfig as a megatron-core GPTModel: config translation, parallel state, seeding.
+
+The megatron model computes the same function as `dsel.models.gpt.GPT` (pre-norm, RoPE
+rotate-half, gelu or swiglu, layernorm or rmsnorm, optional biases, tied or untied head, GQA),
+so weights move between the two with `dsel.train.megatron.convert`.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+
+import torch
+import torch.nn.functional as F
+
+from dsel.errors import DselError
+from dsel.models.config import GPTConfig
+from dsel.train.megatron import shim
+
+
+def use_transformer_engine() -> bool:
+    """Whether to build with Transformer Engine's layer spec: it is installed and there is a GPU to run it."""
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def check_parallel_sizes(config: GPTConfig, tp: int, pp: int, world_size: int, source: str = "train config") -> None:
+    """Raise a one-line DselError when the model or the world cannot be split tp x pp ways."""
+    if tp < 1 or pp < 1:
+        raise DselError(f"{source}: parallel.tp={tp} and parallel.pp={pp} must be >= 1")
+    if world_size % (tp * pp):
+        raise DselError(f"{source}: world size {world_size} is not divisible by tp*pp = {tp}*{pp}; "
+                        f"start tp*pp*dp processes with torchrun --nproc_per_node")
+    sizes = {"n_head": config.n_head, "n_query_groups (kv heads)": config.kv_heads,
+             "ffn_hidden": config.ffn_size, "vocab_size": config.vocab_size}
+    for name, value in sizes.items():
+        if value % tp:
+            raise DselError(f"{source}: model {name}={value} is not divisible by parallel.tp={tp}")
+    if config.n_layer % pp:
+        raise DselError(f"{source}: model n_layer={config.n_layer} is not divisible by parallel.pp={pp}")
+
+
+def init_parallel(tp: int, pp: int) -> None:
+    """Start torch.distributed from torchrun's environment (gloo on CPU, nccl on GPU) and megatron's groups.
+
+    Without torchrun (no MASTER_ADDR) it starts a one-process group on a free local port.
+    """
+    from megatron.core import parallel_state
+
+    shim.activate()
+    if not torch.distributed.is_initialized():
+        if "MASTER_ADDR" not in os.environ:
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo", init_method="env://")
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def seed_everything(seed: int) -> None:
+    """megatron's model_parallel_cuda_manual_seed, on the CPU generator when there is no GPU.
+
+    Every rank seeds torch with `seed`; the RNG tracker gets megatron's named streams (data
+    parallel: seed, tensor parallel: seed + 2718 + tp_rank, expert: seed + 1024 + ...).
+    """
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.tensor_parallel import random
+
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+        return
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    seeds = {random._DATA_PARALLEL_RNG_TRACKER_NAME: seed,
+             random._MODEL_PARALLEL_RNG_TRACKER_NAME: seed + 2718 + tp_rank,
+             random._EXPERT_PARALLEL_RNG_TRACKER_NAME: seed + 1024}
+    random.initialize_rng_tracker(force_reset=True)
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    tracker.reset()
+    tracker.set_states({name: torch.Generator().manual_seed(s).get_state() for name, s in seeds.items()})
+
+
+def transformer_config(config: GPTConfig, tp: int = 1, pp: int = 1, bf16: bool = False):
+    """The megatron TransformerConfig of a dsel GPTConfig (no dropout, no fusions that need CUDA)."""
+    from megatron.core.transformer import TransformerConfig
+
+    swiglu = config.activation == "swiglu"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=config.n_layer, hidden_size=config.d_model, num_attention_heads=config.n_head,
+        num_query_groups=config.kv_heads, kv_channels=config.head_dim, ffn_hidden_size=config.ffn_size,
+        normalization="RMSNorm" if config.norm == "rmsnorm" else "LayerNorm", layernorm_epsilon=config.norm_eps,
+        add_bias_linear=config.bias, add_qkv_bias=config.bias,
+        gated_linear_unit=swiglu, activation_func=F.silu if swiglu else F.gelu,
+        hidden_dropout=0.0, attention_dropout=0.0, init_method_std=config.init_std,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=False,
+        params_dtype=dtype, pipeline_dtype=dtype, bf16=bf16,
+        use_cpu_initialization=not on_gpu, bias_activation_fusion=on_gpu and not swiglu and config.bias,
+        masked_softmax_fusion=False, bias_dropout_fusion=on_gpu, apply_rope_fusion=False,
+        gradient_accumulation_fusion=False, persist_layer_norm=False,
+    )
+
+
+def layer_spec(config: GPTConfig):
+    """Transformer Engine's layer spec when it can run, megatron's local spec otherwise."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if use_transformer_engine():
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm" if config.norm == "rmsnorm" else "LayerNorm")
+
+
+def build_model(config: GPTConfig, tp: int = 1, pp: int = 1, bf16: bool = False):
+    """This rank's megatron GPTModel stage (parallel state must be initialised)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    shim.activate()
+    model = GPTModel(
+        config=transformer_config(config, tp, pp, bf16), transformer_layer_spec=layer_spec(config),
+        vocab_size=config.vocab_size, max_sequence_length=config.seq_len,
+        pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=config.tie_embeddings, position_embedding_type="rope",
+        rotary_base=config.rope_base, parallel_output=True,
+    )
+    return model.cuda() if torch.cuda.is_available() else model
+
+
+def position_ids(tokens: torch.Tensor) -> torch.Tensor:
+    """Positions 0..L-1 for every row of a [B, L] token batch."""
+    return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
