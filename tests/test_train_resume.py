@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 import types
 
 import numpy as np
@@ -172,3 +176,23 @@ def test_megatron_backend_is_dispatched_to_its_module(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "dsel.train.megatron.backend", fake)
     main(["train", "data=[d]", f"out={tmp_path}", "steps=2", "backend=megatron", "parallel.tp=2"])
     assert len(seen) == 1 and seen[0].backend == "megatron" and seen[0].parallel.tp == 2
+
+
+def test_sigkilled_cli_run_resumes_to_the_uninterrupted_result(tmp_path):
+    data = write_counting_dataset(tmp_path / "d")
+    model = ",".join(f"{k}: {v}" for k, v in TINY_MODEL.items())
+    args = [f"data=[{data}]", f"model={{{model}}}", "steps=12", "save_every=3", "batch_size=2", "device=cpu"]
+    main(["train", f"out={tmp_path / 'whole'}", *args])
+    command = [sys.executable, "-m", "dsel", "train", f"out={tmp_path / 'killed'}", *args]
+    env = {**os.environ, "DSEL_PROGRESS": "0"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log_file = tmp_path / "killed" / "log.jsonl"
+    while process.poll() is None and not (log_file.is_file() and len(log_file.read_text().splitlines()) >= 4):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    main(["train", f"out={tmp_path / 'killed'}", *args])
+    assert log_rows(tmp_path / "killed") == log_rows(tmp_path / "whole")
+    (a, _), (b, _) = load_model(tmp_path / "whole" / "model"), load_model(tmp_path / "killed" / "model")
+    for name, p in a.state_dict().items():
+        assert torch.equal(b.state_dict()[name], p), name

@@ -309,13 +309,18 @@ def logged_step(line: str) -> float:
 # The run
 
 
-def step_batches(samples, cfg: TrainConfig, first_step: int, steps: int, weights_of: SampleWeights | None):
-    """Per step, the micro-batches [(tokens, weights)] of its samples, prefetched on a thread."""
+def step_batches(samples, cfg: TrainConfig, first_step: int, steps: int, weights_of: SampleWeights | None,
+                 pin: bool = False):
+    """Per step, the micro-batches [(tokens, weights)] of its samples, prefetched on a thread.
+
+    `pin` puts the tokens in page-locked memory so the copy to the GPU overlaps compute.
+    """
     per_step = cfg.samples_per_step
 
     def make(step: int):
         ids = np.arange(step * per_step, (step + 1) * per_step, dtype=np.int64)
         tokens = torch.from_numpy(samples.batch(ids))
+        tokens = tokens.pin_memory() if pin else tokens
         weights = torch.from_numpy(np.asarray(weights_of(ids), dtype=np.float32)) if weights_of else None
         return [(tokens[i : i + cfg.batch_size], None if weights is None else weights[i : i + cfg.batch_size])
                 for i in range(0, per_step, cfg.batch_size)]
@@ -358,7 +363,7 @@ def train(cfg: TrainConfig, sample_weights: SampleWeights | None = None,
     if first_step >= steps:
         return out / "model"
 
-    batches = step_batches(samples, cfg, first_step, steps, weights_of)
+    batches = step_batches(samples, cfg, first_step, steps, weights_of, pin=device.type == "cuda")
     with open(log_path, "a") as log_file, closing(batches), progress(total=steps, initial=first_step, desc="train",
                                                                      unit="step") as bar:
         for step, micro_batches in enumerate(batches, first_step):
