@@ -1,12 +1,13 @@
 """CoLoR scoring throughput: ColorScorer (fused linear-CE) vs a plain torch scorer, same models.
 
 Both scorers run the same two GPTs (a prior and a conditional model, random weights: speed does
-not depend on them) over the same random windows, in the same micro-batches and under the same
-autocast (bf16 on GPU, fp32 on CPU). The only difference is the loss head: ColorScorer fuses the
+not depend on them) over the same batch of random windows, in the same micro-batches and under
+the same autocast (bf16 on GPU, fp32 on CPU). The only difference is the loss head: ColorScorer fuses the
 head with the cross-entropy (kernels.linear_cross_entropy, Triton on GPU) and never holds the
 [tokens x vocab] logits; the baseline materialises them and calls F.cross_entropy(reduction='none').
-Prints a table, writes JSON, and reports the speed ratio, tokens/s (of the pool and per model)
-and MFU = forward FLOPs/token x per-model tokens/s / peak FLOP/s.
+Prints a table, writes JSON, and reports the speed ratio, tokens/s (of the pool and per model),
+MFU = forward FLOPs/token x per-model tokens/s / peak FLOP/s, and peak memory of one call
+(dsel.benchmarking.measure: median time of `--repeats` calls after a warm-up).
 
   python benchmarks/score.py                          # color-150m on GPU, small-cpu on CPU
   python benchmarks/score.py --preset color-150m --batch-size 256 --micro-batch 64 --out score_gpu.json
@@ -15,7 +16,6 @@ Reference: the CoLoR code scores ~0.7M tokens/s per H100 for one 150M model (bf1
 import argparse
 import os
 import sys
-import time
 
 # benchmarks/kernels.py would shadow the kernels package: keep this script's folder off sys.path.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
@@ -24,6 +24,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import kernels  # noqa: E402
+from dsel.benchmarking import measure  # noqa: E402
 from dsel.color.scorer import ColorScorer, autocast_for  # noqa: E402
 from dsel.io import write_json  # noqa: E402
 from dsel.models.config import preset  # noqa: E402
@@ -53,45 +54,12 @@ class PlainTorchScorer:
             return F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none").float().mean(1)
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def seconds_of(fn, device: torch.device):
-    """(wall seconds, result) of fn(), with the device synchronised on both sides."""
-    synchronize(device)
-    start = time.perf_counter()
-    result = fn()
-    synchronize(device)
-    return time.perf_counter() - start, result
-
-
 def measured_matmul_tflops(device: torch.device, dtype: torch.dtype, size: int) -> float:
-    """The best FLOP/s of a square matmul here, over a few runs: the attainable peak for MFU."""
+    """FLOP/s of a square matmul here (median of 5): the attainable peak MFU is measured against on CPU."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    a @ b
-    best = min(seconds_of(lambda: a @ b, device)[0] for _ in range(5))
-    return 2 * size ** 3 / best / 1e12
-
-
-def time_scorers(scorers: dict, batches: list[torch.Tensor], warmup: int, device: torch.device):
-    """Median seconds per batch of each scorer, and its scores of the last batch.
-
-    The scorers take turns on every batch, so load from other processes hits them alike.
-    """
-    for batch in batches[:warmup]:
-        for scorer in scorers.values():
-            scorer(batch)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times, scores = {name: [] for name in scorers}, {}
-    for batch in batches:
-        for name, scorer in scorers.items():
-            seconds, scores[name] = seconds_of(lambda: scorer(batch), device)
-            times[name].append(seconds)
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}, scores
+    seconds, _ = measure(lambda: a @ b, device, repeats=5)
+    return 2 * size ** 3 / seconds / 1e12
 
 
 def main(argv=None):
@@ -101,8 +69,7 @@ def main(argv=None):
     p.add_argument("--window", type=int, default=None, help="tokens per window (default the preset's seq_len)")
     p.add_argument("--batch-size", type=int, default=None, help="windows per scorer call (default 128 GPU, 16 CPU)")
     p.add_argument("--micro-batch", type=int, default=None, help="rows per forward (default 64 GPU, 8 CPU)")
-    p.add_argument("--batches", type=int, default=None, help="timed batches (default 20 GPU, 3 CPU)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed batches first")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per scorer, median kept (default 10 GPU, 3 CPU)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak FLOP/s for MFU (default: H100 bf16 spec on GPU, a measured matmul on CPU)")
@@ -129,34 +96,34 @@ def main(argv=None):
     for seed, name in enumerate(("prior", "cond")):
         torch.manual_seed(seed)
         models[name] = GPT(config).to(device).eval()
-    generator = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, config.vocab_size, (batch_size, window), generator=generator)
-               for _ in range(args.batches or (20 if gpu else 3))]
+    batch = torch.randint(0, config.vocab_size, (batch_size, window), generator=torch.Generator().manual_seed(0))
     scorers = {"color": ColorScorer(models, micro_batch=micro_batch, device=device, precision=precision),
                "torch": PlainTorchScorer(models, micro_batch, device, precision)}
+    repeats = args.repeats or (10 if gpu else 3)
 
     flops_per_token = config.flops_per_token()
     batch_tokens = batch_size * window
     print(f"device={device} preset={preset_name} window={window} batch={batch_size} "
-          f"micro_batch={micro_batch} precision={precision} kernels={kernels.backend_name(batches[0].to(device))} "
+          f"micro_batch={micro_batch} precision={precision} kernels={kernels.backend_name(batch.to(device))} "
           f"params={config.num_params() / 1e6:.0f}M peak={peak:.1f} TFLOP/s ({peak_source})")
-    seconds, scores = time_scorers(scorers, batches, args.warmup, device)
-    print(f"{'scorer':<8} {'s/batch':>9} {'pool tok/s':>12} {'per-model tok/s':>16} {'MFU':>7}")
+    print(f"{'scorer':<8} {'s/batch':>9} {'pool tok/s':>12} {'per-model tok/s':>16} {'MFU':>7} {'peak MiB':>9}")
     rows = {}
-    for name, sec in seconds.items():
-        per_model = batch_tokens * len(models) / sec
-        rows[name] = dict(seconds_per_batch=sec, pool_tokens_per_s=batch_tokens / sec, per_model_tokens_per_s=per_model,
-                          mfu=flops_per_token * per_model / (peak * 1e12))
-        print(f"{name:<8} {sec:9.4f} {batch_tokens / sec:12.0f} {per_model:16.0f} {rows[name]['mfu']:7.1%}")
-    peak_mib = torch.cuda.max_memory_allocated() / 2**20 if gpu else None
-    speedup = seconds["torch"] / seconds["color"]
+    for name, scorer in scorers.items():
+        seconds, peak_bytes = measure(lambda: scorer(batch), device, repeats)
+        per_model = batch_tokens * len(models) / seconds
+        rows[name] = dict(seconds_per_batch=seconds, pool_tokens_per_s=batch_tokens / seconds,
+                          per_model_tokens_per_s=per_model, mfu=flops_per_token * per_model / (peak * 1e12),
+                          peak_mib=None if peak_bytes is None else peak_bytes / 2**20)
+        mib = "n/a" if peak_bytes is None else f"{peak_bytes / 2**20:.0f}"
+        print(f"{name:<8} {seconds:9.4f} {batch_tokens / seconds:12.0f} {per_model:16.0f} {rows[name]['mfu']:7.1%} {mib:>9}")
+    speedup = rows["torch"]["seconds_per_batch"] / rows["color"]["seconds_per_batch"]
+    scores = {name: scorer(batch) for name, scorer in scorers.items()}
     max_diff = max(float((scores["color"][c] - scores["torch"][c]).abs().max()) for c in scores["color"])
-    print(f"speed ratio color/torch = {speedup:.2f}x  max |score difference| = {max_diff:.2e}"
-          + (f"  peak GPU memory (both) = {peak_mib:.0f} MiB" if gpu else ""))
+    print(f"speed ratio color/torch = {speedup:.2f}x  max |score difference| = {max_diff:.2e}")
     write_json(args.out, dict(device=str(device), preset=preset_name, model=vars(config), window=window,
                               batch_size=batch_size, micro_batch=micro_batch, precision=precision,
-                              batches=len(batches), warmup=args.warmup, peak_tflops=peak, peak_source=peak_source,
-                              flops_per_token=flops_per_token, rows=rows, speed_ratio=speedup, peak_gpu_mib=peak_mib,
+                              repeats=repeats, peak_tflops=peak, peak_source=peak_source,
+                              flops_per_token=flops_per_token, rows=rows, speed_ratio=speedup,
                               max_abs_score_difference=max_diff))
     print(f"wrote {args.out}")
 

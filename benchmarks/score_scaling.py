@@ -67,10 +67,12 @@ def make_corpus(prefix: Path, windows: int, window: int, vocab_size: int) -> Non
 
 def run(ranks: int, args, prefix: Path, out: Path, device: str) -> dict:
     """One torchrun scoring run: wall time and the slowest rank's scoring time."""
-    settings = [f"settings.vocab_size={args.vocab}", f"settings.d_model={args.d_model}", f"settings.layers={args.layers}"]
+    settings = [f"settings.vocab_size={args.vocab}", f"settings.d_model={args.d_model}",
+                f"settings.layers={args.layers}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "-m", "dsel",
            "score", f"data={prefix}", f"window={args.window}", "scorer=benchmarks.score_scaling:build_model_scorer",
-           *settings, f"out={out}", f"batch_size={args.batch_size}", f"shard_size={args.shard_size}", f"device={device}"]
+           *settings, f"out={out}", f"batch_size={args.batch_size}", f"shard_size={args.shard_size}",
+           f"device={device}"]
     env = {**os.environ, "DSEL_PROGRESS": "0", "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
     began = time.perf_counter()
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -118,8 +120,9 @@ def main(argv=None):
     for r in rows:
         print(f"{r['ranks']:>5} {r['wall_s']:>8.2f} {r['scoring_s']:>10.2f} {r['windows_per_s']:>10.1f} "
               f"{r['throughput_ratio']:>6.2f} {r['max_abs_diff_vs_first']:>10.2e}")
-    print(f"ratios: throughput of {rows[-1]['ranks']} ranks / {rows[0]['ranks']} rank = {rows[-1]['throughput_ratio']:.2f} "
-          f"(ideal {rows[-1]['ranks'] / rows[0]['ranks']:.1f}); device {args.device}, "
+    last, first = rows[-1], rows[0]
+    print(f"ratios: throughput of {last['ranks']} ranks / {first['ranks']} rank = {last['throughput_ratio']:.2f} "
+          f"(ideal {last['ranks'] / first['ranks']:.1f}); device {args.device}, "
           f"{os.cpu_count()} CPU cores, {gpus} GPUs, {args.threads} thread(s) per rank")
     write_json(args.out, {"rows": rows, "settings": vars(args), "cpu_count": os.cpu_count(), "gpus": gpus})
     return rows

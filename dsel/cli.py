@@ -29,6 +29,9 @@ COMMAND_MODULES: list[str] = [
     "dsel.data.commands",
     "dsel.score.commands",
     "dsel.select.commands",
+    "dsel.train.commands",
+    "dsel.eval.commands",
+    "dsel.pipeline.commands",
 ]
 
 # A one-word command that is also a group ("score" next to "score merge") is the group's `run`.

@@ -141,11 +141,21 @@ def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:
         raise _type_error(source, key, value, hint)
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and _is_float(value):  # YAML 1.1 reads 1e-4 as a string
+        return float(value)
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if hint is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
     raise _type_error(source, key, value, hint)
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _type_error(source: str, key: str, value: Any, hint: Any) -> DselError:

@@ -13,7 +13,7 @@ def test_score_benchmark_writes_rows_and_ratio(tmp_path, capsys):
     spec.loader.exec_module(bench)
     out = tmp_path / "bench.json"
     bench.main(["--device", "cpu", "--preset", "tiny", "--window", "16", "--batch-size", "3", "--micro-batch", "2",
-                "--batches", "1", "--warmup", "0", "--peak-tflops", "1", "--out", str(out)])
+                "--repeats", "1", "--peak-tflops", "1", "--out", str(out)])
     result = read_json(out)
     assert set(result["rows"]) == {"color", "torch"}
     assert all(r["per_model_tokens_per_s"] == 2 * r["pool_tokens_per_s"] > 0 for r in result["rows"].values())

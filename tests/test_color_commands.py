@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from dsel.cli import main
-from dsel.color.commands import ColorFinetuneConfig, run_finetune
+from dsel.color.commands import (ColorFinetuneConfig, ColorScoreConfig, ColorTrainPriorConfig, run_finetune, run_score,
+                                 run_train_prior)
 from dsel.color.scorer import ColorScorer, mean_token_losses
 from dsel.color.target import padded_batch
 from dsel.config import load_config
 from dsel.data.indexed import IndexedDataset
-from dsel.data.meta import read_meta
+from dsel.data.meta import read_meta, write_meta
 from dsel.data.windows import Windows
 from dsel.errors import DselError
 from dsel.models.checkpoint import load_model, save_model
@@ -71,6 +72,12 @@ def finetune_config(setup, **settings):
     return load_config(ColorFinetuneConfig, None, [f"{k}={v}" for k, v in settings.items()])
 
 
+def test_finetune_reads_exponent_learning_rates(setup):
+    assert finetune_config(setup, target="t.jsonl", lr="1e-4").lr == 1e-4  # YAML 1.1 reads 1e-4 as a string
+    with pytest.raises(DselError, match="'lr' should be float"):
+        finetune_config(setup, target="t.jsonl", lr="fast")
+
+
 def test_finetune_refuses_another_tokenizer(setup):
     main(["tokenize", f"input={setup / 'target.jsonl'}", f"output={setup / 'other'}", "vocab_size=300"])
     with pytest.raises(DselError, match="other.model: not the tokenizer the prior"):
@@ -89,13 +96,11 @@ def test_finetune_needs_a_tokenizer_for_text(setup):
 def tiny_train_settings(setup, steps):
     vocab = read_meta(setup / "corpus")["vocab_size"]
     model = {"vocab_size": vocab, "seq_len": 32, "n_layer": 1, "n_head": 2, "d_model": 32}
-    return [f"train.preset=tiny", f"train.steps={steps}", "train.batch_size=4", "train.lr=0.003", "train.device=cpu"] + [
+    return [f"train.preset=tiny", f"train.steps={steps}", "train.batch_size=4", "train.lr=3e-3", "train.device=cpu"] + [
         f"train.model.{k}={v}" for k, v in model.items()]
 
 
 def test_train_prior_refuses_data_and_out_in_train(setup):
-    pytest.importorskip("dsel.train.torch_backend")  # until the train stage lands on main
-    from dsel.color.commands import ColorTrainPriorConfig, run_train_prior
 
     cfg = load_config(ColorTrainPriorConfig, None, [f"corpus={setup / 'corpus'}", f"out={setup / 'x'}", "train.data=[a]"])
     with pytest.raises(DselError, match="train.data: set by color train-prior"):
@@ -106,7 +111,6 @@ def test_train_prior_refuses_data_and_out_in_train(setup):
 
 
 def test_color_score_writes_the_scorers_values(setup):
-    pytest.importorskip("dsel.score.engine")  # until the score stage lands on main
     cond = setup / "cond-target"
     if not cond.is_dir():
         main(["color", "finetune", f"prior={setup / 'prior'}", f"target={setup / 'target'}", f"out={cond}", "device=cpu"])
@@ -124,9 +128,6 @@ def test_color_score_writes_the_scorers_values(setup):
 
 
 def test_color_score_refuses_a_window_longer_than_the_context(setup):
-    pytest.importorskip("dsel.score.engine")  # until the score stage lands on main
-    from dsel.color.commands import ColorScoreConfig, run_score
-
     cfg = load_config(ColorScoreConfig, None, [f"corpus={setup / 'corpus'}", f"prior={setup / 'prior'}",
                                                 f"out={setup / 'unused'}", "window=130", "device=cpu"])
     with pytest.raises(DselError, match="prior: window of 130 tokens .* longer than the context"):
@@ -135,8 +136,6 @@ def test_color_score_refuses_a_window_longer_than_the_context(setup):
 
 def test_pipeline_ranks_target_topic_documents_first(setup):
     """train-prior -> finetune -> score through the CLI: windows of TOPIC documents get higher CoLoR."""
-    pytest.importorskip("dsel.train.torch_backend")  # until the train stage lands on main
-    pytest.importorskip("dsel.score.engine")  # until the score stage lands on main
     run = setup / "pipeline"
     main(["color", "train-prior", f"corpus={setup / 'corpus'}", f"out={run / 'prior'}", "fraction=0.5", "seed=3",
           *tiny_train_settings(setup, 60)])
@@ -155,3 +154,24 @@ def test_pipeline_ranks_target_topic_documents_first(setup):
     table = pq.read_table(run / "scores" / "scores.parquet").to_pydict()
     color, on_topic = np.asarray(table["color"]), np.asarray(table["doc"]) % 2 == 0
     assert color[on_topic].mean() > color[~on_topic].mean() + 0.1
+
+
+def test_color_score_reads_dolma_memmaps_and_checks_their_tokenizer(setup):
+    """A headerless .bin with its meta scores like the Megatron dataset; another tokenizer is refused."""
+    stream = IndexedDataset(setup / "corpus").stream
+    stream.astype(np.uint16).tofile(setup / "flat.bin")
+    meta = read_meta(setup / "corpus")
+    write_meta(setup / "flat", meta)
+    out = setup / "flat-scores"
+    main(["color", "score", f"corpus={setup / 'flat.bin'}", f"prior={setup / 'prior'}", f"out={out}", "window=24",
+          "device=cpu"])
+    table = pq.read_table(out / "scores.parquet").to_pydict()
+    windows = torch.from_numpy(stream[: len(stream) // 24 * 24].astype(np.int64).reshape(-1, 24))
+    want = ColorScorer({"prior": load_model(setup / "prior")[0]})(windows)["loss_prior"].numpy()
+    assert np.array_equal(np.asarray(table["loss_prior"], dtype=np.float32), want)
+
+    write_meta(setup / "flat", {**meta, "tokenizer_sha256": "0" * 64})
+    cfg = load_config(ColorScoreConfig, None, [f"corpus={setup / 'flat.bin'}", f"prior={setup / 'prior'}",
+                                                f"out={setup / 'unused'}", "device=cpu"])
+    with pytest.raises(DselError, match="prior: model has tokenizer_sha256=.* but data .*flat has"):
+        run_score(cfg)

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -95,3 +96,15 @@ def test_killed_process_resumes_without_rescoring(tmp_path):
     unfinished = [min(8, windows - start) for start in range(16, windows, 8)]  # shards 2, 3, ...
     assert BUILT[-1].calls == sum(-(-size // 4) for size in unfinished)
     assert pq.read_table(tmp_path / "out" / "scores.parquet").equals(pq.read_table(clean))
+
+
+def test_dsel_select_reads_the_score_table(tmp_path):
+    make_corpus(tmp_path / "corpus")
+    main(["score", f"data={tmp_path / 'corpus'}", "window=6", f"scorer={FAKE}", f"out={tmp_path / 'scores'}",
+          "device=cpu"])
+    main(["select", f"scores={tmp_path / 'scores'}", f"out={tmp_path / 'select'}", "method=topk", "column=total",
+          "fraction=0.5", "materialise=false"])
+    total = pq.read_table(tmp_path / "scores" / "scores.parquet").column("total").to_numpy()
+    kept = np.load(tmp_path / "select" / "indices.npy")
+    assert len(kept) == round(len(total) / 2)
+    assert total[kept].min() >= np.delete(total, kept).max()

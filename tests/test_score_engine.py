@@ -8,7 +8,7 @@ import pytest
 from dsel.errors import DselError
 from dsel.io import read_json
 from dsel.score.commands import open_windows
-from dsel.score.engine import merge_scores, score_windows, write_doc_scores
+from dsel.score.engine import merge_scores, read_scores, score_windows, write_doc_scores
 from tests._score_util import EOD, FakeScorer, make_corpus, open_corpus, reference_scores
 
 WINDOW = 7
@@ -21,7 +21,7 @@ def corpus(tmp_path):
     return prefix, docs
 
 
-def read_scores(path):
+def table_dict(path):
     return pq.read_table(path).to_pydict()
 
 
@@ -47,6 +47,7 @@ def test_scores_match_direct_computation(corpus, tmp_path):
     assert info["num_windows"] == n and info["num_shards"] == -(-n // 10) and info["meta"] == {"run": "a"}
     assert info["stats"]["tokens"] == n * WINDOW
     assert info["stats"]["columns"]["total"]["mean"] == pytest.approx(expected["total"].astype(np.float64).mean())
+    assert (tmp_path / "out" / "hist-total.png").read_bytes()[:4] == b"\x89PNG"
     marker = read_json(tmp_path / "out" / "shards" / "shard-000001.json")
     assert (marker["start"], marker["stop"]) == (10, 20)
     assert marker["stats"]["first"]["max"] == float(expected["first"][10:20].max())
@@ -57,7 +58,7 @@ def test_doc_scores_are_token_weighted_means(corpus, tmp_path):
     windows = open_corpus(prefix, WINDOW)
     score_windows(windows, FakeScorer(), tmp_path / "out", batch_size=8)
     doc_table = pq.read_table(tmp_path / "out" / "doc_scores.parquet").to_pydict()
-    scores = read_scores(tmp_path / "out" / "scores.parquet")
+    scores = table_dict(tmp_path / "out" / "scores.parquet")
     owner = np.concatenate([np.full(len(d), k) for k, d in enumerate(docs)])
     n = len(windows)
     weight, total = {}, {}
@@ -69,10 +70,9 @@ def test_doc_scores_are_token_weighted_means(corpus, tmp_path):
     assert doc_table["doc_id"] == [f"doc-{d}" for d in sorted(weight)]
     assert doc_table["tokens"] == [weight[d] for d in sorted(weight)]
     np.testing.assert_allclose(doc_table["total"], [total[d] / weight[d] for d in sorted(weight)], rtol=1e-6)
-    before = (tmp_path / "out" / "doc_scores.parquet").read_bytes()
+    before = pq.read_table(tmp_path / "out" / "doc_scores.parquet")
     (tmp_path / "out" / "doc_scores.parquet").unlink()
-    write_doc_scores(tmp_path / "out")
-    assert pq.read_table(tmp_path / "out" / "doc_scores.parquet").equals(pq.read_table(__import__("io").BytesIO(before)))
+    assert pq.read_table(write_doc_scores(tmp_path / "out")).equals(before)
 
 
 def test_domains_from_sidecar_give_per_domain_stats(corpus, tmp_path):
@@ -81,7 +81,7 @@ def test_domains_from_sidecar_give_per_domain_stats(corpus, tmp_path):
     (tmp_path / "corpus.domains.jsonl").write_text("".join(f'"{d}"\n' for d in domains))
     windows = open_corpus(prefix, WINDOW)
     score_windows(windows, FakeScorer(), tmp_path / "out", batch_size=8)
-    table = read_scores(tmp_path / "out" / "scores.parquet")
+    table = table_dict(tmp_path / "out" / "scores.parquet")
     assert table["domain"] == [domains[d] for d in table["doc"]]
     by_domain = read_json(tmp_path / "out" / "scores.json")["stats"]["domains"]
     for name in ("web", "code"):
@@ -148,6 +148,11 @@ def test_merge_names_a_missing_or_duplicated_shard(corpus, tmp_path):
     (shards / "shard-000002.json").unlink()
     with pytest.raises(DselError, match=r"shard-000002.npz: missing or unfinished \(windows \[16, 24\)"):
         merge_scores(out)
+    shutil.copy(shards / "shard-000001.json", shards / "shard-000002.json")
+    (shards / "shard-000002.npz").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(DselError, match="shard-000002.npz: not a readable shard"):
+        merge_scores(out)
+    (shards / "shard-000002.json").unlink()
     (shards / "shard-000002.npz").rename(tmp_path / "x.npz")
     shutil.copy(shards / "shard-000001.json", shards / "shard-000002.json")
     with pytest.raises(DselError, match="shard-000002.npz: shard file .*not found"):
@@ -232,3 +237,16 @@ def test_scorer_columns_must_not_clash_with_table_columns(corpus, tmp_path):
 
     with pytest.raises(DselError, match=r"scorer columns \['tokens'\] must be distinct"):
         score_windows(open_corpus(prefix, WINDOW), Clash(), tmp_path / "out", batch_size=4)
+
+
+def test_read_scores_checks_file_and_columns(corpus, tmp_path):
+    prefix, _ = corpus
+    path = score_windows(open_corpus(prefix, WINDOW), FakeScorer(), tmp_path / "out", batch_size=4)
+    assert read_scores(tmp_path / "out", ["total"]).equals(read_scores(path))
+    with pytest.raises(DselError, match="has no column pds; it has window, doc, doc_id, tokens, total, first"):
+        read_scores(path, ["pds"])
+    with pytest.raises(DselError, match="score table .*not found"):
+        read_scores(tmp_path / "nothing")
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    with pytest.raises(DselError, match="bad.parquet: not a readable parquet file"):
+        read_scores(tmp_path / "bad.parquet")

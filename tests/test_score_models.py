@@ -36,6 +36,9 @@ def test_pds_scorer_through_dsel_score(corpus, tmp_path):
     with torch.no_grad():
         expected = model(tokens).float().numpy()
     np.testing.assert_allclose(table["pds"], expected, rtol=1e-5, atol=1e-6)
+    main(["pds", "score", f"model={tmp_path / 'scorer'}", f"data={corpus}", f"out={tmp_path / 'pds'}", "device=cpu"])
+    via_pds = pq.read_table(tmp_path / "pds" / "scores.parquet").column("pds")
+    np.testing.assert_allclose(via_pds, table["pds"], rtol=1e-5, atol=1e-6)  # another batch size: up to rounding
 
 
 def test_color_scorer_through_dsel_score(corpus, tmp_path):
@@ -52,3 +55,7 @@ def test_color_scorer_through_dsel_score(corpus, tmp_path):
     np.testing.assert_allclose(table["loss_prior"], losses["prior"], rtol=1e-5)
     np.testing.assert_allclose(table["loss_cond"], losses["cond"], rtol=1e-5)
     np.testing.assert_allclose(table["color"], np.array(table["loss_prior"]) - np.array(table["loss_cond"]), atol=1e-6)
+    main(["color", "score", f"corpus={corpus}", f"prior={tmp_path / 'prior'}", f"cond={tmp_path / 'cond'}",
+          f"window={WINDOW}", "precision=fp32", f"out={tmp_path / 'color'}", "device=cpu"])
+    # fixed micro-batches make CoLoR scores independent of batch and shard sizes: bitwise equal
+    assert pq.read_table(tmp_path / "color" / "scores.parquet").column("color").to_pylist() == table["color"]

@@ -46,14 +46,14 @@ def corpus(tmp_path):
 
 
 def run(**settings):
-    return run_select(from_dict(SelectConfig, settings))
+    return run_select(from_dict(SelectConfig, {"workers": 1, **settings}))
 
 
 def test_select_writes_indices_json_histogram_and_data(corpus, tmp_path):
     prefix, scores, windows, table = corpus
     out = tmp_path / "out"
     main(["select", f"scores={scores}", f"corpus={prefix}", f"out={out}", "method=color", "column=color", "tau=4",
-          "shards=3", "chunk_rows=40"])
+          "shards=3", "workers=2", "chunk_rows=40"])
     n = len(windows)
     color = table.column("color").to_numpy().astype(np.float64)
     window = table.column("window").to_numpy()
@@ -108,6 +108,8 @@ def test_random_without_column_and_no_corpus(corpus, tmp_path):
     info = json.loads((out / "selection.json").read_text())
     assert info["k"] == round(len(windows) / 2) and info["threshold"] is None and info["expression"] is None
     assert info["outputs"]["histogram"] is None and not (out / "data").exists()
+    with pytest.raises(DselError, match="no corpus recorded .scores.json.; set corpus= or materialise=false"):
+        run(scores=str(scores), out=str(tmp_path / "r"), method="random")
 
 
 @pytest.mark.parametrize("settings,message", [
@@ -173,3 +175,35 @@ def test_cli_exits_2_with_one_line(corpus, tmp_path, capsys):
         main(["select", f"scores={scores}", f"corpus={prefix}", "fraction=2"])
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == "dsel select: error: fraction=2.0: must be in (0, 1]"
+
+
+class SumScorer:
+    """A stand-in scorer: two columns computed from the tokens (no model needed)."""
+
+    columns = ["loss_prior", "loss_cond"]
+
+    def __call__(self, tokens):
+        x = tokens.double()
+        return {"loss_prior": (x % 97).mean(1).float(), "loss_cond": (x % 89).mean(1).float()}
+
+
+def test_select_reads_the_score_engine_table(corpus, tmp_path):
+    """The contract with `dsel score`: its scores.parquet + scores.json feed `dsel select` unchanged."""
+    from dsel.score.engine import score_windows
+
+    prefix, _, windows, _ = corpus
+    (tmp_path / "corpus.domains.jsonl").write_text("".join(f'"{"web" if d % 3 else "code"}"\n' for d in range(120)))
+    score_windows(windows, SumScorer(), tmp_path / "scored", batch_size=16, shard_size=40, rank=0, world_size=1)
+    out = run(scores=str(tmp_path / "scored"), out=str(tmp_path / "o"), method="gumbel",  # corpus from scores.json
+              column="loss_prior - loss_cond", fraction=0.25, seed=4)
+    batch = windows.batch(np.arange(len(windows))).astype(np.float64)
+    key = (batch % 97).mean(1).astype(np.float32).astype(np.float64) - (batch % 89).mean(1).astype(np.float32)
+    from dsel.select.noise import gumbel
+    key = key + 0.1 * gumbel(4, np.arange(len(windows)))
+    expected = np.sort(np.lexsort((np.arange(len(windows)), -key))[: round(0.25 * len(windows))])
+    np.testing.assert_array_equal(np.load(out / "indices.npy"), expected)
+    info = json.loads((out / "selection.json").read_text())
+    assert info["window"] == WINDOW and set(info["domains"]) == {"web", "code"} and info["corpus"] == str(prefix)
+    np.testing.assert_array_equal(IndexedDataset(out / "data" / "selected").stream, windows.batch(expected, dtype=np.uint16).ravel())
+    doc = windows.doc_of_window
+    assert info["domains"]["code"]["kept"] == int(np.sum(doc[expected] % 3 == 0))

@@ -27,7 +27,7 @@ def masked_mean_loss(model: torch.nn.Module, tokens: torch.Tensor, loss_mask: to
 
 
 def lr_at(step: int, total: int, lr: float, warmup: int, min_ratio: float) -> float:
-    """Linear warmup for `warmup` steps, then cosine decay to `min_ratio * lr` at the last step."""
+    """Linear warmup for `warmup` steps, then cosine decay to `min_ratio * lr` at the last step (total - 1)."""
     if step < warmup:
         return lr * (step + 1) / warmup
     progress_frac = (step - warmup) / max(1, total - 1 - warmup)

@@ -25,6 +25,7 @@ from dsel.errors import DselError, file_error
 from dsel.io import atomic_path, read_json, write_json
 from dsel.pds.fit import FitConfig
 from dsel.pds.solver import SolverConfig
+from dsel.score.commands import open_windows
 
 log = logging.getLogger(__name__)
 
@@ -194,31 +195,31 @@ def read_gamma(path: Path, num_windows: int) -> np.ndarray:
 
 # ----- score ---------------------------------------------------------------------------------------
 def run_score(cfg: ScoreConfig) -> Path:
-    """Score every window of a corpus with the fitted scorer through the score engine."""
+    """Score every window of a corpus with the fitted scorer (this rank's shards under torchrun; rank 0 merges)."""
+    import torch.distributed as dist
+
     from dsel.models.checkpoint import read_model_config
     from dsel.pds.scorer import load_pds_scorer
+    from dsel.score.commands import start_distributed
     from dsel.score.engine import score_windows
 
-    device = _device(cfg.device)
     read_model_config(cfg.model)
     meta = read_json(Path(cfg.model) / "meta.json")
     window = cfg.window or int(meta.get("window", 0))
     if window <= 0:
         raise file_error(cfg.model, "records no window size; set window=")
     windows = open_windows(cfg.data, window, cfg.memmap_dtype)
-    scorer = load_pds_scorer(cfg.model, device)
-    return score_windows(windows, scorer, cfg.out, cfg.batch_size, device=device,
-                         meta={"scorer": "pds", "model": cfg.model, "data": cfg.data, "window": window})
+    device, created = start_distributed(cfg.device)
+    try:
+        scorer = load_pds_scorer(cfg.model, device)
+        return score_windows(windows, scorer, cfg.out, cfg.batch_size, device=device,
+                             meta={"scorer": "pds", "model": cfg.model, "data": cfg.data, "window": window})
+    finally:
+        if created:
+            dist.destroy_process_group()
 
 
 # ----- shared --------------------------------------------------------------------------------------
-def open_windows(path: str, window: int, memmap_dtype: str):
-    """Windows over a Megatron prefix or a headerless token file (the score stage's opener)."""
-    from dsel.score.commands import open_windows as open_corpus_windows
-
-    return open_corpus_windows(path, window, memmap_dtype)
-
-
 def _write_npy(path: Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)

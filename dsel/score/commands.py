@@ -79,8 +79,9 @@ def start_distributed(device: str):
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise DselError(f"device={device} but no GPU is available")
-        torch.cuda.set_device(device)
-    return device, join_torchrun(device)
+        if device.index is not None:
+            torch.cuda.set_device(device)  # nccl's barrier runs on the current device
+    return device, join_torchrun("nccl" if device.type == "cuda" else "gloo")
 
 
 def run_score(cfg: ScoreCommandConfig) -> Path:
@@ -95,8 +96,11 @@ def run_score(cfg: ScoreCommandConfig) -> Path:
     try:
         scorer = build_scorer(cfg.scorer, cfg.settings, device)
         meta = {"scorer": cfg.scorer, "settings": cfg.settings, "data": cfg.data, "window": cfg.window}
-        return score_windows(windows, scorer, cfg.out, cfg.batch_size, shard_size=cfg.shard_size, device=device,
-                             meta=meta)
+        table = score_windows(windows, scorer, cfg.out, cfg.batch_size, shard_size=cfg.shard_size, device=device,
+                              meta=meta)
+        if table.is_file() and int(os.environ.get("RANK", "0")) == 0:
+            print(f"scored {len(windows)} windows of {cfg.window} tokens with '{cfg.scorer}' -> {table}")
+        return table
     finally:
         if created:
             dist.destroy_process_group()

@@ -8,6 +8,7 @@ Layout of `out_dir`:
     shards/shard-000042.json   completion marker: fingerprint, window range, shard stats
     scores.parquet             window, doc, doc_id, tokens, domain, <score columns>, by window
     scores.json                meta, counts, per-column (and per-domain) statistics
+    hist-<column>.png          histogram of each score column
     doc_scores.parquet         per document: token-weighted mean of every score column
 
 Shard k holds windows [k*S, (k+1)*S) and belongs to rank k % world_size. A shard counts as done
@@ -24,6 +25,7 @@ import json
 import logging
 import os
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +34,7 @@ from dsel.data.docids import doc_ids_path, read_doc_ids
 from dsel.data.windows import Windows, source_name
 from dsel.errors import DselError, file_error
 from dsel.io import atomic_path, progress, read_json, require_file, write_json
-from dsel.score.stats import column_stats, table_stats
+from dsel.score.stats import column_stats, score_histogram, table_stats
 
 log = logging.getLogger(__name__)
 
@@ -154,15 +156,14 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return rank, world_size
 
 
-def join_torchrun(device=None) -> bool:
-    """Create the process group torchrun's environment describes (gloo, or nccl for a CUDA device),
-    unless there is none to join or one exists; returns whether it was created here."""
-    import torch
+def join_torchrun(backend: str = "gloo") -> bool:
+    """Create the process group torchrun's environment describes, unless there is none to join or
+    one exists; returns whether it was created here. The engine only needs barriers, which gloo
+    does on any device without assumptions about which GPU each rank uses."""
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
         return False
-    backend = "nccl" if device is not None and torch.device(device).type == "cuda" else "gloo"
     # a rank that finishes its shards early waits at the barrier for the slowest one
     dist.init_process_group(backend, timeout=datetime.timedelta(hours=24))
     return True
@@ -205,7 +206,8 @@ def run_scorer(scorer, tokens: np.ndarray, ids: np.ndarray, columns: list[str], 
             raise DselError(f"scorer column '{name}' has shape {values.shape}, expected ({len(ids)},)")
         bad = np.flatnonzero(~np.isfinite(values))
         if bad.size:
-            raise DselError(f"{corpus}: scorer gave a non-finite '{name}' score ({values[bad[0]]}) to window {ids[bad[0]]}")
+            raise DselError(f"{corpus}: scorer gave a non-finite '{name}' score ({values[bad[0]]}) to window "
+                            f"{ids[bad[0]]}")
         batch[name] = values
     return batch
 
@@ -241,7 +243,7 @@ def score_windows(windows: Windows, scorer, out_dir, batch_size: int, shard_size
     ranks then meet at a barrier and rank 0 merges. With explicit ranks and no process group (e.g.
     independent array jobs), rank 0 merges if every shard is finished, else `dsel score merge` does.
     """
-    created = join_torchrun(device) if rank is None and world_size is None else False
+    created = join_torchrun() if rank is None and world_size is None else False
     try:
         rank, world_size = resolve_rank(rank, world_size)
         if batch_size <= 0:
@@ -342,7 +344,7 @@ def read_shard(path: Path, columns: list[str]) -> tuple[np.ndarray, dict[str, np
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {name: data[name] for name in data.files}
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise file_error(path, f"not a readable shard ({e})") from None
     absent = [name for name in ["window", *columns] if name not in arrays]
     if absent:
@@ -409,7 +411,8 @@ def write_parquet(table, path: Path, info: dict) -> None:
 
 
 def merge_scores(out_dir, windows: Windows | None = None) -> Path:
-    """Check coverage and write scores.parquet, scores.json and doc_scores.parquet; returns the first."""
+    """Check coverage and write scores.parquet, doc_scores.parquet, scores.json and the histograms;
+    returns the path of scores.parquet."""
     out = Path(out_dir)
     job = read_job(out)
     windows = windows if windows is not None else reopen_windows(job)
@@ -430,9 +433,29 @@ def merge_scores(out_dir, windows: Windows | None = None) -> Path:
         "has_doc_id": doc_ids is not None, "has_domain": domains is not None,
         "stats": table_stats(columns, np.full(len(windows), windows.window), window_domains),
     })
+    for name, values in columns.items():
+        score_histogram(values, out / f"hist-{name}.png", title=f"{name}: {len(values)} windows", xlabel=name)
     log.info("merged %d shards: %d windows x %s -> %s", num_shards(job), len(windows), job["columns"],
              out / "scores.parquet")
     return out / "scores.parquet"
+
+
+def read_scores(path, columns: list[str] = ()):
+    """The score table at `path` (a score directory or a .parquet file) as a pyarrow Table; DselError
+    when it is missing, unreadable or lacks one of `columns` (naming the ones it has)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path = require_file(path / "scores.parquet" if path.is_dir() else path, "score table (run `dsel score`)")
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as e:
+        raise file_error(path, f"not a readable parquet file ({e})") from None
+    absent = [name for name in columns if name not in table.column_names]
+    if absent:
+        raise file_error(path, f"has no column {', '.join(absent)}; it has {', '.join(table.column_names)}")
+    return table
 
 
 # ----- per-document scores -----------------------------------------------------------------------------
@@ -476,12 +499,10 @@ def doc_score_table(windows: Windows, columns: dict[str, np.ndarray], doc_ids, d
 
 def write_doc_scores(out_dir, windows: Windows | None = None) -> Path:
     """(Re)write out_dir/doc_scores.parquet from scores.parquet, without rescoring."""
-    import pyarrow.parquet as pq
-
     out = Path(out_dir)
     job = read_job(out)
     windows = windows if windows is not None else reopen_windows(job)
-    table = pq.read_table(require_file(out / "scores.parquet", "score table (run `dsel score merge`)"))
+    table = read_scores(out, job["columns"])
     columns = {name: table.column(name).to_numpy() for name in job["columns"]}
     doc_ids, domains = document_labels(windows, job["meta"])
     path = out / "doc_scores.parquet"

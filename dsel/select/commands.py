@@ -1,6 +1,6 @@
 """`dsel select`: a score table (or .npy) -> the kept windows, their statistics and a Megatron dataset.
 
-    dsel select scores=runs/pds/scores corpus=data/corpus out=runs/select method=gumbel fraction=0.4
+    dsel select scores=runs/pds/scores out=runs/select method=gumbel fraction=0.4   # corpus from scores.json
     dsel select scores=runs/color/scores corpus=data/corpus method=color column=color tau=16
     dsel select scores=runs/color/scores corpus=data/corpus method=topk column=-loss_cond token_budget=1000000000
 
@@ -12,6 +12,7 @@ tokens, per-domain shares). Every file is written under a temporary name and ren
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ PDS_FRACTION = 0.4
 @dataclass
 class SelectConfig:
     scores: str = option(help="score directory (scores.parquet + scores.json), a .parquet file, or a .npy of one score per window")
-    corpus: str = option("", "the scored corpus: Megatron prefix or headerless token file; '' = no length check, no data written")
+    corpus: str = option("", "the scored corpus: Megatron prefix or headerless token file; '' = the one in scores.json, if any")
     out: str = option("runs/select", "output directory")
     method: Literal["topk", "gumbel", "color", "color-batch", "random"] = option(
         "gumbel", "topk | gumbel (PDS) | color (global top 1/tau) | color-batch (n of tau*n draws) | random")
@@ -46,6 +47,7 @@ class SelectConfig:
     window: int = option(0, "tokens per window; 0 = the window recorded in scores.json")
     memmap_dtype: str = option("uint16", "token dtype of a headerless corpus file")
     shards: int = option(4, "output shards (data/part-XXXXX) written before the merge into data/selected")
+    workers: int = option(0, "processes writing shards in parallel; 0 = min(shards, CPU count)")
     materialise: bool = option(True, "write the selected windows as Megatron datasets (needs corpus)")
     chunk_rows: int = option(1 << 20, "score rows read at a time (memory bound of the streaming passes)")
 
@@ -66,11 +68,11 @@ def check_settings(cfg: SelectConfig) -> None:
         raise DselError("method=color-batch keeps n of each tau*n draw; it takes no token_budget (use method=color)")
     if cfg.temperature < 0:
         raise DselError(f"temperature={cfg.temperature}: must be >= 0")
+    if cfg.workers < 0:
+        raise DselError(f"workers={cfg.workers}: must be >= 0")
     for name in ("shards", "chunk_rows", "color_batch"):
         if getattr(cfg, name) < 1:
             raise DselError(f"{name}={getattr(cfg, name)}: must be >= 1")
-    if cfg.materialise and not cfg.corpus:
-        raise DselError("materialise=true needs corpus= (or set materialise=false)")
 
 
 def make_plan(cfg: SelectConfig, source):
@@ -86,43 +88,47 @@ def make_plan(cfg: SelectConfig, source):
                 temperature=cfg.temperature if cfg.method == "gumbel" else 0.0, seed=cfg.seed)
 
 
-def window_length(cfg: SelectConfig) -> int:
-    """cfg.window, else the window the score stage recorded in scores.json (0 when unknown)."""
+def corpus_and_window(cfg: SelectConfig) -> tuple[str, int]:
+    """The corpus and window length: the settings, else what the score stage recorded in scores.json."""
     from dsel.select.source import table_meta
 
     meta = table_meta(cfg.scores)
     recorded = int(meta.get("window") or meta.get("meta", {}).get("window") or 0)
     if cfg.window and recorded and cfg.window != recorded:
         raise DselError(f"window={cfg.window}: the scores were computed on windows of {recorded} tokens (scores.json)")
-    return cfg.window or recorded
+    return cfg.corpus or meta.get("corpus") or "", cfg.window or recorded
 
 
 def run_select(cfg: SelectConfig) -> Path:
     """Select, then write indices.npy, histogram.png, the data shards + merge, selection.json."""
-    from dsel.select.materialise import materialise, open_corpus
+    from dsel.score.commands import open_windows
+    from dsel.select.materialise import materialise
     from dsel.select.methods import select
     from dsel.select.source import check_pool, open_scores
 
     check_settings(cfg)
     start = time.time()
-    window = window_length(cfg)
+    corpus, window = corpus_and_window(cfg)
     source = open_scores(cfg.scores, window)
-    if cfg.corpus and window <= 0:
+    if cfg.materialise and not corpus:
+        raise DselError(f"{cfg.scores}: no corpus recorded (scores.json); set corpus= or materialise=false")
+    if corpus and window <= 0:
         raise DselError(f"{cfg.scores}: no window length recorded (scores.json); set window=")
-    windows = open_corpus(cfg.corpus, window, cfg.memmap_dtype) if cfg.corpus else None
+    windows = open_windows(corpus, window, cfg.memmap_dtype) if corpus else None
     num_windows = len(windows) if windows is not None else source.num_rows
     check_pool(source, num_windows)
     plan = make_plan(cfg, source)
     selection = select(source, plan, num_windows, cfg.chunk_rows)
     out = Path(cfg.out)
+    (out / "selection.json").unlink(missing_ok=True)  # written last: present only with the outputs it describes
     with atomic_path(out / "indices.npy") as tmp, open(tmp, "wb") as f:
         np.save(f, selection.indices)
     histogram = write_histogram(out / "histogram.png", selection, plan)
     data = {}
     if cfg.materialise:
-        parts, merged = materialise(windows, selection.indices, out / "data", cfg.shards)
+        parts, merged = materialise(windows, selection.indices, out / "data", cfg.shards, cfg.workers or os.cpu_count() or 1)
         data = {"shards": [str(p) for p in parts], "selected": merged.prefix}
-    summary = describe_selection(cfg, plan, selection, source, window, time.time() - start)
+    summary = describe_selection(plan, selection, source, corpus, window, time.time() - start)
     summary["outputs"] = {"indices": str(out / "indices.npy"), "histogram": histogram, "data": data}
     write_json(out / "selection.json", summary)
     log.info("kept %d of %d windows (%d tokens), threshold %s -> %s",
@@ -134,15 +140,15 @@ def write_histogram(path: Path, selection, plan) -> str | None:
     """The key histogram with the threshold line; None when there is nothing to plot (random, no column)."""
     if len(selection.sample) == 0:
         return None
-    from dsel.select.plot import score_histogram
+    from dsel.score.stats import score_histogram
 
     shown = f"{plan.expression} + {plan.temperature:g} * Gumbel" if plan.method == "gumbel" and plan.temperature else str(plan.expression)
     title = f"{plan.method}: {shown} ({len(selection.sample)} of {selection.pool} windows)"
-    score_histogram(selection.sample, path, threshold=selection.threshold, title=title)
+    score_histogram(selection.sample, path, threshold=selection.threshold, title=title, xlabel=shown)
     return str(path)
 
 
-def describe_selection(cfg: SelectConfig, plan, selection, source, window: int, seconds: float) -> dict:
+def describe_selection(plan, selection, source, corpus: str, window: int, seconds: float) -> dict:
     """selection.json: settings, threshold, counts, tokens, per-domain shares."""
     kept = len(selection.indices)
     summary = {
@@ -152,7 +158,7 @@ def describe_selection(cfg: SelectConfig, plan, selection, source, window: int, 
         "color_batch": plan.color_batch if plan.method == "color-batch" else None,
         "threshold": selection.threshold, "k": kept, "pool": selection.pool,
         "kept_fraction": kept / selection.pool, "tokens_kept": selection.tokens, "tokens_pool": selection.pool_tokens,
-        "scores": str(source.path), "corpus": cfg.corpus or None, "window": window or None,
+        "scores": str(source.path), "corpus": corpus or None, "window": window or None,
         "passes": selection.passes, "candidates_sorted": selection.candidates, "seconds": round(seconds, 3),
     }
     if selection.domains:

@@ -1,27 +1,18 @@
 """The selected windows as Megatron datasets: `data/part-XXXXX` shards, then merged into `data/selected`."""
 from __future__ import annotations
 
+import multiprocessing
 import re
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
 
-from dsel.data.indexed import IndexedDataset, dataset_exists, merge_datasets
-from dsel.data.memmap import MemmapTokens
+from dsel.data.indexed import IndexedDataset, merge_datasets
 from dsel.data.windows import Windows, write_windows
-from dsel.errors import DselError
 from dsel.io import progress
 
 PART = re.compile(r"^part-(\d{5})\.(bin|idx)$")
-
-
-def open_corpus(path: str, window: int, memmap_dtype: str = "uint16") -> Windows:
-    """Windows over a Megatron prefix (prefix.idx + prefix.bin) or a headerless token file."""
-    if dataset_exists(path):
-        return Windows(IndexedDataset(path), window)
-    if Path(path).is_file() and not path.endswith(".idx"):
-        return Windows(MemmapTokens(path, memmap_dtype), window)
-    raise DselError(f"{path}: corpus not found (neither {path}.idx + {path}.bin nor a headerless token file)")
 
 
 def shard_prefixes(out_dir: Path, count: int) -> list[Path]:
@@ -37,12 +28,26 @@ def remove_stale_parts(out_dir: Path, count: int) -> None:
             path.unlink()
 
 
-def materialise(windows: Windows, indices: np.ndarray, out_dir: str | Path, shards: int) -> tuple[list[Path], IndexedDataset]:
-    """Write windows `indices` (in order) as `shards` part datasets and their merge `out_dir/selected`."""
+def write_part(source, window: int, ids: np.ndarray, prefix: Path) -> None:
+    """One shard: windows `ids` of `source` (a token source pickles as its path, so workers reopen it)."""
+    write_windows(Windows(source, window), ids, prefix)
+
+
+def materialise(windows: Windows, indices: np.ndarray, out_dir: str | Path, shards: int,
+                workers: int = 1) -> tuple[list[Path], IndexedDataset]:
+    """Write windows `indices` (in order) as `shards` part datasets, `workers` processes at a time,
+    then merge them into `out_dir/selected`."""
     out_dir = Path(out_dir)
     parts = np.array_split(np.asarray(indices, dtype=np.int64), max(1, min(shards, len(indices))))
-    prefixes = shard_prefixes(out_dir, len(parts))
-    for prefix, ids in progress(list(zip(prefixes, parts)), desc="write shards", unit="shard"):
-        write_windows(windows, ids, prefix)
-    remove_stale_parts(out_dir, len(parts))
+    jobs = [(windows.source, windows.window, ids, prefix) for ids, prefix in zip(parts, shard_prefixes(out_dir, len(parts)))]
+    bar = dict(total=len(jobs), desc="write shards", unit="shard")
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            for done in progress(as_completed([pool.submit(write_part, *job) for job in jobs]), **bar):
+                done.result()
+    else:
+        for job in progress(jobs, **bar):
+            write_part(*job)
+    remove_stale_parts(out_dir, len(jobs))
+    prefixes = [job[3] for job in jobs]
     return prefixes, merge_datasets(prefixes, out_dir / "selected")

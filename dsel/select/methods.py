@@ -20,7 +20,6 @@ from dsel.select.expression import Expression
 from dsel.select.noise import PERMUTE_STREAM, RANDOM_STREAM, gumbel, uniform
 from dsel.select.topk import stream_top
 
-METHODS = ("topk", "gumbel", "color", "color-batch", "random")
 HISTOGRAM_SAMPLE = 1_000_000  # at most this many key values (every stride-th window id) for the histogram
 
 

@@ -138,5 +138,6 @@ def stream_top(chunks: Chunks, key: Key, count: int | None = None, token_budget:
     if len(take):
         low = min(low, float(cand["key"][take].min()))
         tokens += int(cand["tokens"][take].sum())
-    indices = np.sort(np.concatenate(kept + [cand["window"][take].astype(np.int64)]))
+    indices = np.concatenate(kept + [cand["window"][take].astype(np.int64)])
+    indices.sort()  # in place: the kept ids are the one thing here that grows with the table
     return TopSelection(indices, None if np.isinf(low) else low, tokens, passes + 1, len(cand["window"]))

@@ -1,0 +1,33 @@
+"""Held-out loss of a checkpoint on tokenized validation sets: one number per domain."""
+from __future__ import annotations
+
+from dsel.data.indexed import IndexedDataset
+from dsel.data.windows import Windows
+from dsel.errors import file_error
+
+
+def validation_windows(prefix: str, window: int, vocab_size: int) -> Windows:
+    """Windows of a Megatron validation dataset, refusing token ids past the model's vocabulary."""
+    windows = Windows(IndexedDataset(prefix), window)
+    largest = int(windows.stream.max())
+    if largest >= vocab_size:
+        raise file_error(prefix, f"token id {largest} is past the model's vocabulary of {vocab_size}; "
+                                 "data and model use different tokenizers")
+    return windows
+
+
+def heldout_loss(model, windows: Windows, batch_size: int = 16, max_batches: int = 0, device="cpu") -> dict:
+    """Mean next-token loss over the first `max_batches` batches (0 = all windows): {loss, windows, tokens}."""
+    from dsel.train.torch_backend import evaluate
+
+    count = len(windows) if max_batches <= 0 else min(max_batches * batch_size, len(windows))
+    loss = evaluate(model, windows, windows.window, batch_size, device, max_batches or None, precision="fp32")
+    return {"loss": loss, "windows": count, "tokens": count * (windows.window - 1)}
+
+
+def heldout_losses(model, datasets: dict[str, str], window: int, batch_size: int = 16, max_batches: int = 0,
+                   device="cpu") -> dict[str, dict]:
+    """heldout_loss on every named validation dataset (name -> Megatron prefix)."""
+    return {name: heldout_loss(model, validation_windows(prefix, window, model.config.vocab_size), batch_size,
+                               max_batches, device)
+            for name, prefix in datasets.items()}

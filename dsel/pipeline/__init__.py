@@ -1,0 +1,1 @@
+"""`dsel run`: the whole job from a corpus to a report, as resumable stages."""

@@ -1,0 +1,41 @@
+"""`dsel run CONFIG.yaml`: corpus -> selection (PDS and/or CoLoR) -> pretraining selected vs random -> report.
+
+    dsel run -c configs/quickstart.yaml
+    dsel run -c configs/quickstart.yaml run_dir=runs/other budget=0.1
+
+Every stage writes run_dir/<stage>/ and a done marker; running the command again skips finished
+stages and resumes a killed one.
+"""
+from __future__ import annotations
+
+from dsel.cli import Command
+from dsel.pipeline.config import PipelineConfig
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict:
+    """Run every stage; print the results table (target loss per arm)."""
+    from dsel.config import save_config
+    from dsel.pipeline.stages import Pipeline
+
+    pipeline = Pipeline(cfg)
+    save_config(cfg, pipeline.runner.run_dir / "config.yaml")
+    results = pipeline.run()
+    print(format_results(results))
+    print(f"report: {pipeline.runner.path('report') / 'index.html'}")
+    return results
+
+
+def format_results(results: dict) -> str:
+    """A plain-text table: one row per arm with target loss, mean held-out loss and lm-eval accuracy."""
+    lines = [f"{'arm':<10} {'target loss (' + results['target'] + ')':>24} {'mean held-out loss':>20} {'lm-eval acc':>12}"]
+    for arm, row in results["arms"].items():
+        accs = [m["acc,none"] for m in row.get("lm_eval", {}).values() if "acc,none" in m]
+        acc = f"{sum(accs) / len(accs):.3f}" if accs else "-"
+        lines.append(f"{arm:<10} {row['target_loss']:>24.4f} {row['mean_loss']:>20.4f} {acc:>12}")
+    return "\n".join(lines)
+
+
+COMMANDS = [
+    Command("run", "the whole job: tokenize, prior, PDS/CoLoR scores, select, pretrain selected vs random, "
+                   "evaluate, report (resumable)", PipelineConfig, run_pipeline),
+]

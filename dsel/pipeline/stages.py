@@ -1,0 +1,307 @@
+"""The stages of `dsel run`, each a call into another stage's Python API with the paths filled in.
+
+    tokenize                      pool, target and validation sets -> Megatron datasets (+ domains)
+    prior                         proxy/prior LM trained on the pool
+    pds/proxy, pds/solve, pds/fit, pds/score, pds/select
+    color/finetune, color/score, color/select
+    random/select                 random windows with the same token budget
+    pretrain/<arm>, eval/<arm>    one model per arm (each method and random), held-out losses, lm-eval
+    report                        HTML page + PNGs
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dsel.config import from_dict, to_dict
+from dsel.errors import DselError
+from dsel.io import atomic_path, read_json, write_json
+from dsel.pipeline.config import BUNDLED, PipelineConfig
+from dsel.pipeline.runner import StageRunner
+
+log = logging.getLogger(__name__)
+
+PLACEHOLDER = "<set by dsel run>"
+
+
+def merged(*settings: dict) -> dict:
+    """Deep merge of nested setting dicts, later ones winning."""
+    out: dict = {}
+    for part in settings:
+        for key, value in part.items():
+            if isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key] = merged(out[key], value)
+            else:
+                out[key] = copy.deepcopy(value)
+    return out
+
+
+def build(cls: type, settings: dict, section: str):
+    """A stage config from settings, errors naming the pipeline section they came from."""
+    return from_dict(cls, settings, f"run config: {section}")
+
+
+def stage_configs() -> dict[str, type]:
+    """Config class of every stage the pipeline drives (imported lazily: they pull in torch)."""
+    from dsel.color.commands import ColorFinetuneConfig, ColorScoreConfig
+    from dsel.pds.commands import FitScorerConfig, ScoreConfig, SolveConfig
+    from dsel.select.commands import SelectConfig
+    from dsel.train.config import TrainConfig
+
+    return {"train": TrainConfig, "pds.solve": SolveConfig, "pds.fit": FitScorerConfig, "pds.score": ScoreConfig,
+            "color.finetune": ColorFinetuneConfig, "color.score": ColorScoreConfig, "select": SelectConfig}
+
+
+class Pipeline:
+    """One run of `dsel run`: the stages in order, under one StageRunner."""
+
+    def __init__(self, cfg: PipelineConfig):
+        self.cfg = cfg
+        self.runner = StageRunner(cfg.run_dir)
+        self.data = self.runner.path("tokenize")
+
+    # ---- settings of each stage -----------------------------------------------------------------
+    def arms(self) -> list[str]:
+        """The pretraining arms: each selection method, then random."""
+        return [*self.cfg.methods, "random"]
+
+    def train_settings(self, section: dict, vocab_size: int, **paths) -> dict:
+        """`dsel train` settings: the shared model, a section's settings, the pipeline's paths."""
+        model = merged(self.cfg.model, {"model": {"vocab_size": vocab_size}})
+        return merged({"seed": self.cfg.seed, "device": self.cfg.device}, model, section, paths)
+
+    def stage_settings(self, vocab_size: int = 0, window: int = 0, budget: int = 0) -> dict[str, tuple[str, dict]]:
+        """(config kind, settings) of every configurable stage; paths are placeholders until known."""
+        cfg, data, p = self.cfg, self.data, PLACEHOLDER
+        pool, target = str(data / "pool"), str(data / "target")
+        valid_target = str(data / "valid" / cfg.data.target_valid)
+        device = {"device": cfg.device}
+        out = {
+            "prior": ("train", self.train_settings(cfg.prior, vocab_size, data=[pool], valid=valid_target,
+                                                   out=str(self.runner.path("prior")))),
+        }
+        select = {"corpus": pool, "token_budget": budget, "seed": cfg.seed, "window": window}
+        if "pds" in cfg.methods:
+            out["pds/solve"] = ("pds.solve", merged(device, cfg.pds.solve, {
+                "model": p, "proxy": p, "target": target, "num_target": cfg.pds.target_windows, "out": p,
+                "window": window}))
+            out["pds/fit"] = ("pds.fit", merged(device, cfg.pds.fit, {"gamma": p, "out": p}))
+            out["pds/score"] = ("pds.score", merged(device, cfg.pds.score, {"data": pool, "model": p, "out": p,
+                                                                            "window": window}))
+            out["pds/select"] = ("select", merged(cfg.pds.select, select, {"scores": p, "out": p}))
+        if "color" in cfg.methods:
+            out["color/finetune"] = ("color.finetune", merged(device, cfg.color.finetune,
+                                                              {"prior": p, "target": target, "out": p}))
+            out["color/score"] = ("color.score", merged(device, cfg.color.score, {
+                "corpus": pool, "prior": p, "cond": p, "out": p, "window": window}))
+            out["color/select"] = ("select", merged(cfg.color.select, select, {"scores": p, "out": p}))
+        out["random/select"] = ("select", merged(select, {"method": "random", "column": "", "scores": p, "out": p}))
+        for arm in self.arms():
+            out[f"pretrain/{arm}"] = ("train", self.train_settings(cfg.pretrain, vocab_size, data=[p], valid=valid_target,
+                                                                   out=p))
+        return out
+
+    def check(self) -> None:
+        """Build every stage's config from its settings now, so typos fail before hours of work."""
+        classes = stage_configs()
+        for name, (kind, settings) in self.stage_settings(vocab_size=self.cfg.data.vocab_size).items():
+            build(classes[kind], settings, name)
+        if not self.cfg.methods:
+            raise DselError("run config: 'methods' is empty; choose pds, color or both")
+        if not 0 < self.cfg.budget <= 1:
+            raise DselError(f"run config: budget={self.cfg.budget} must be in (0, 1]")
+
+    # ---- the run ----------------------------------------------------------------------------------
+    def run(self) -> dict:
+        """Every stage in order (finished ones skipped); returns the results table."""
+        self.check()
+        self.tokenize()
+        meta = read_json(self.data / "pool.meta.json")
+        vocab_size = 128 * math.ceil(meta["vocab_size"] / 128)
+        settings = self.stage_settings(vocab_size)
+        prior = self.train("prior", settings["prior"][1], after=["tokenize"])
+        window = read_json(prior / "config.json")["model"]["seq_len"] + 1
+        budget = int(self.cfg.budget * (meta["num_tokens"] // window) * window)
+        settings = self.stage_settings(vocab_size, window, budget)
+        scores = {}
+        if "pds" in self.cfg.methods:
+            scores["pds"] = self.pds(settings, prior, window)
+        if "color" in self.cfg.methods:
+            scores["color"] = self.color(settings, prior)
+        self.select("random", settings, scores[self.cfg.methods[0]], after=[f"{self.cfg.methods[0]}/score"])
+        for arm in self.arms():
+            self.train(f"pretrain/{arm}", merged(settings[f"pretrain/{arm}"][1], {
+                "data": [str(self.runner.path(f"{arm}/select") / "data" / "selected")],
+                "out": str(self.runner.path(f"pretrain/{arm}"))}), after=["tokenize", f"{arm}/select"])
+            self.evaluate(arm)
+        results = self.results()
+        write_json(self.runner.run_dir / "results.json", results)
+        self.report()
+        return results
+
+    def tokenize(self) -> None:
+        """Pool (training its tokenizer), target and validation sets -> Megatron datasets."""
+        self.runner.run("tokenize", to_dict(self.cfg.data), [], self._tokenize)
+
+    def _tokenize(self, out: Path) -> None:
+        from dsel.data.tokenize import TokenizeConfig, tokenize_corpus
+
+        data = self.cfg.data
+        common = {"text_field": data.text_field, "id_field": data.id_field, "workers": data.workers}
+        pool = resolve_input(data.pool, "pool.jsonl.gz")
+        meta = tokenize_corpus(TokenizeConfig(input=pool, output=str(out / "pool"), vocab_size=data.vocab_size, **common))
+        write_domains(out / "pool", pool, data)
+        inputs = {"target": resolve_input(data.target, "target.jsonl.gz"), **validation_inputs(data)}
+        for name, path in inputs.items():
+            prefix = out / name if name == "target" else out / "valid" / name
+            tokenize_corpus(TokenizeConfig(input=path, output=str(prefix), tokenizer=meta["tokenizer"], **common))
+
+    def train(self, name: str, settings: dict, after: list[str]) -> Path:
+        """A `dsel train` run as a stage; returns its checkpoint directory."""
+        from dsel.train.commands import run_train
+        from dsel.train.config import TrainConfig
+
+        out = self.runner.run(name, settings, after, lambda _: run_train(build(TrainConfig, settings, name)))
+        return out / "model"
+
+    def pds(self, settings: dict, prior: Path, window: int) -> Path:
+        """Proxy sample -> solve -> fit the scorer -> score the pool -> select; returns the score dir."""
+        from dsel.pds.commands import run_fit_scorer, run_score, run_solve
+
+        classes = stage_configs()
+        proxy = self.runner.run("pds/proxy", {"windows": self.cfg.pds.proxy_windows, "seed": self.cfg.seed,
+                                              "window": window}, ["tokenize", "prior"],
+                                lambda out: self.sample_proxy(out, window))
+        solve_settings = merged(settings["pds/solve"][1], {"model": str(prior), "proxy": str(proxy / "proxy"),
+                                                            "out": str(self.runner.path("pds/solve"))})
+        solve = self.runner.run("pds/solve", solve_settings, ["pds/proxy"],
+                                lambda _: run_solve(build(classes["pds.solve"], solve_settings, "pds/solve")))
+        fit_settings = merged(settings["pds/fit"][1], {"gamma": str(solve),
+                                                        "out": str(self.runner.path("pds/fit") / "scorer")})
+        fit = self.runner.run("pds/fit", fit_settings, ["pds/solve"],
+                              lambda _: run_fit_scorer(build(classes["pds.fit"], fit_settings, "pds/fit")))
+        score_settings = merged(settings["pds/score"][1], {"model": str(fit / "scorer"),
+                                                            "out": str(self.runner.path("pds/score"))})
+        scores = self.runner.run("pds/score", score_settings, ["pds/fit"],
+                                 lambda _: run_score(build(classes["pds.score"], score_settings, "pds/score")))
+        self.select("pds", settings, scores, after=["pds/score"])
+        return scores
+
+    def sample_proxy(self, out: Path, window: int) -> None:
+        """A seeded random sample of pool windows, written as the proxy dataset (+ their pool ids)."""
+        from dsel.data.indexed import IndexedDataset
+        from dsel.data.windows import Windows, write_windows
+
+        windows = Windows(IndexedDataset(str(self.data / "pool")), window)
+        count = min(self.cfg.pds.proxy_windows, len(windows))
+        ids = np.sort(np.random.default_rng(self.cfg.seed).choice(len(windows), count, replace=False))
+        np.save(out / "pool_windows.npy", ids)
+        write_windows(windows, ids, out / "proxy")
+
+    def color(self, settings: dict, prior: Path) -> Path:
+        """Fine-tune the prior on the target -> score the pool -> select; returns the score dir."""
+        from dsel.color.commands import run_finetune, run_score
+
+        classes = stage_configs()
+        finetune_settings = merged(settings["color/finetune"][1], {
+            "prior": str(prior), "out": str(self.runner.path("color/finetune") / "model")})
+        cond = self.runner.run("color/finetune", finetune_settings, ["tokenize", "prior"], lambda _: run_finetune(
+            build(classes["color.finetune"], finetune_settings, "color/finetune")))
+        score_settings = merged(settings["color/score"][1], {"prior": str(prior), "cond": str(cond / "model"),
+                                                              "out": str(self.runner.path("color/score"))})
+        scores = self.runner.run("color/score", score_settings, ["color/finetune"],
+                                 lambda _: run_score(build(classes["color.score"], score_settings, "color/score")))
+        self.select("color", settings, scores, after=["color/score"])
+        return scores
+
+    def select(self, arm: str, settings: dict, scores: Path, after: list[str]) -> Path:
+        """`dsel select` on a score table with the pipeline's token budget."""
+        from dsel.select.commands import SelectConfig, run_select
+
+        name = f"{arm}/select"
+        select_settings = merged(settings[name][1], {"scores": str(scores), "out": str(self.runner.path(name))})
+        return self.runner.run(name, select_settings, after,
+                               lambda _: run_select(build(SelectConfig, select_settings, name)))
+
+    def evaluate(self, arm: str) -> Path:
+        """Held-out loss per validation set and lm-eval tasks of one pretrained model."""
+        ev = to_dict(self.cfg.eval)
+        return self.runner.run(f"eval/{arm}", ev, [f"pretrain/{arm}"], lambda out: self._evaluate(arm, out))
+
+    def _evaluate(self, arm: str, out: Path) -> None:
+        from dsel.eval.commands import EvalLossConfig, LmEvalConfig, run_lm_eval, run_loss
+
+        checkpoint = str(self.runner.path(f"pretrain/{arm}") / "model")
+        sets = {name: str(self.data / "valid" / name) for name in validation_inputs(self.cfg.data)}
+        run_loss(EvalLossConfig(checkpoint=checkpoint, data=sets, out=str(out / "heldout_loss.json"),
+                                batch_size=self.cfg.eval.batch_size, max_batches=self.cfg.eval.max_batches,
+                                device=self.cfg.device))
+        if self.cfg.eval.lm_eval_tasks:
+            run_lm_eval(LmEvalConfig(checkpoint=checkpoint, tasks=list(self.cfg.eval.lm_eval_tasks),
+                                     builtin_tasks=self.cfg.eval.builtin_tasks, device=self.cfg.device,
+                                     batch_size=self.cfg.eval.batch_size, out=str(out / "lm_eval.json")))
+
+    def results(self) -> dict:
+        """Per arm: target loss, every held-out loss, lm-eval metrics, tokens selected."""
+        rows = {}
+        for arm in self.arms():
+            ev = self.runner.path(f"eval/{arm}")
+            losses = read_json(ev / "heldout_loss.json")["losses"]
+            selection = read_json(self.runner.path(f"{arm}/select") / "selection.json")
+            row = {"target_loss": losses[self.cfg.data.target_valid]["loss"],
+                   "mean_loss": float(np.mean([v["loss"] for v in losses.values()])),
+                   "losses": {k: v["loss"] for k, v in losses.items()}, "tokens_selected": selection["tokens_kept"]}
+            if (ev / "lm_eval.json").is_file():
+                row["lm_eval"] = {task: {k: v for k, v in m.items() if isinstance(v, float) and "stderr" not in k}
+                                  for task, m in read_json(ev / "lm_eval.json")["results"].items()}
+            rows[arm] = row
+        return {"target": self.cfg.data.target_valid, "arms": rows, "timings": self.runner.timings()}
+
+    def report(self) -> Path:
+        """The HTML report of the run (always rewritten: it is cheap)."""
+        from dsel.eval.report import write_report
+
+        return write_report(self.runner.run_dir, self.runner.path("report"))
+
+
+def resolve_input(path: str, bundled_name: str) -> str:
+    """A corpus path, with 'bundled' meaning the file shipped in dsel/data/bundled."""
+    return str(BUNDLED / bundled_name) if path == "bundled" else path
+
+
+def validation_inputs(data) -> dict[str, str]:
+    """name -> file of every validation set (the bundled per-domain sets when none are given)."""
+    if data.valid:
+        sets = dict(data.valid)
+    elif data.pool == "bundled":
+        sets = {p.name.split(".")[0]: str(p) for p in sorted((BUNDLED / "valid").glob("*.jsonl.gz"))}
+    else:
+        raise DselError("run config: data.valid is empty; name at least the target's validation set")
+    if data.target_valid not in sets:
+        raise DselError(f"run config: data.target_valid={data.target_valid!r} is not one of data.valid "
+                        f"({', '.join(sets)})")
+    return sets
+
+
+def write_domains(prefix: Path, source: str, data) -> None:
+    """`<prefix>.domains.jsonl`: the domain of every tokenized document (joined by document id)."""
+    from dsel.data.docids import read_doc_ids
+    from dsel.data.tokenize import JSONL_SUFFIXES, input_files, read_jsonl
+
+    files = input_files(source)
+    if not data.domain_field or not data.id_field or not all(f.name.endswith(JSONL_SUFFIXES) for f in files):
+        log.info("no per-document domains (needs jsonl input with id and domain fields)")
+        return
+    domains = {doc_id: domain for path in files for doc_id, domain in read_jsonl(path, data.domain_field, data.id_field)}
+    ids = read_doc_ids(str(prefix))
+    missing = [i for i in ids if i not in domains]
+    if missing:
+        raise DselError(f"{source}: document {missing[0]} has no '{data.domain_field}' field")
+    with atomic_path(f"{prefix}.domains.jsonl") as tmp:
+        tmp.write_text("".join(json.dumps(domains[i]) + "\n" for i in ids), encoding="utf-8")

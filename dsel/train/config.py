@@ -1,0 +1,110 @@
+"""`TrainConfig`: the settings of `dsel train`, shared by the torch and the megatron-core backends.
+
+    dsel train data=[data/selected] valid=data/valid out=runs/pretrain preset=pds-160m steps=5000
+    dsel train data=[data/target] init=runs/prior/model out=runs/cond lr=1e-4 steps=200   # fine-tune
+
+Training length is `steps` optimizer steps, or `tokens` (rounded up to whole steps). One step sees
+`batch_size * grad_accum` samples of `seq_len + 1` tokens (megatron-core GPTDataset samples; see
+dsel.data.loader), so both backends read the same samples in the same order.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+from dsel.config import from_dict, option
+from dsel.errors import DselError
+from dsel.models.config import GPTConfig, preset as preset_config
+
+
+@dataclass
+class ParallelConfig:
+    """Model/data parallelism of the megatron backend (data parallel size = world size / (tp * pp))."""
+
+    tp: int = option(1, "tensor-parallel size")
+    pp: int = option(1, "pipeline-parallel size")
+    distributed_optimizer: bool = option(False, "shard optimizer state over data-parallel ranks")
+
+
+@dataclass
+class TrainConfig:
+    """`dsel train`: pretrain (or fine-tune, with `init`) a GPT on Megatron datasets."""
+
+    data: list[str] = option(help="Megatron dataset prefix(es) to train on; several are blended (see data_weights)")
+    out: str = option(help="output directory: model/ (checkpoint), state/ (resume), log.jsonl, config.yaml")
+    data_weights: Optional[list[float]] = option(None, "blend weights of several data prefixes; None = by token count")
+    valid: Optional[str] = option(None, "Megatron dataset prefix of held-out data for valid_loss")
+    preset: Optional[str] = option(None, "model preset (dsel.models.config.PRESETS); None = init's architecture, else 'tiny'")
+    model: dict[str, Any] = option({}, "GPTConfig fields overriding the preset, e.g. {n_layer: 4, seq_len: 256}")
+    init: Optional[str] = option(None, "checkpoint directory to start from (fine-tuning); None = random init")
+    optimizer: Literal["adamw", "sgd"] = option("adamw", "adamw, or plain sgd (no momentum)")
+    lr: float = option(3e-4, "peak learning rate")
+    min_lr: float = option(3e-5, "learning rate of the last step (end of the cosine decay)")
+    warmup: int = option(0, "linear warmup steps")
+    steps: Optional[int] = option(None, "optimizer steps (set this or tokens)")
+    tokens: Optional[int] = option(None, "training tokens, rounded up to whole steps (set this or steps)")
+    batch_size: int = option(8, "samples per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    grad_clip: float = option(1.0, "gradient norm clip (0 = off)")
+    weight_decay: float = option(0.1, "decoupled (AdamW) or L2 (SGD) weight decay of matrices; none on norms/biases")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    weights: Optional[str] = option(None, ".npy of per-sample loss weights indexed by training sample (PDS-style)")
+    seed: int = option(1234, "seed of the model init and of the data order")
+    eval_every: int = option(0, "steps between valid_loss evaluations (0 = only at the end)")
+    eval_batches: int = option(8, "batches of held-out windows per evaluation")
+    save_every: int = option(0, "steps between checkpoints (0 = only at the end)")
+    device: str = option("auto", "cpu, cuda, cuda:N or auto")
+    precision: Literal["auto", "bf16", "fp32"] = option("auto", "auto = bf16 autocast on GPU, fp32 on CPU")
+    backend: Literal["torch", "megatron"] = option("torch", "torch (CPU or one GPU) or megatron (torchrun, TP/PP/DP)")
+    parallel: ParallelConfig = option(help="megatron backend: tp, pp, distributed_optimizer", default_factory=ParallelConfig)
+    log: str = option("log.jsonl", "per-step log file, relative to out")
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """Raise a DselError for settings that cannot train."""
+        if not self.data:
+            raise DselError("train config: 'data' needs at least one dataset prefix")
+        if (self.steps is None) == (self.tokens is None):
+            raise DselError("train config: set exactly one of 'steps' and 'tokens'")
+        if self.data_weights is not None and len(self.data_weights) != len(self.data):
+            raise DselError(f"train config: {len(self.data_weights)} data_weights for {len(self.data)} data prefixes")
+        if self.data_weights is not None and (min(self.data_weights) < 0 or sum(self.data_weights) <= 0):
+            raise DselError("train config: data_weights must be non-negative with a positive sum")
+        positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "lr": self.lr,
+                    "steps": self.steps or 1, "tokens": self.tokens or 1, "eval_batches": self.eval_batches}
+        for name, value in positive.items():
+            if value <= 0:
+                raise DselError(f"train config: '{name}' must be positive, got {value}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise DselError(f"train config: min_lr={self.min_lr} must be in [0, lr={self.lr}]")
+        for name in ("warmup", "eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise DselError(f"train config: '{name}' must be >= 0, got {getattr(self, name)}")
+
+    def model_config(self, init_config: GPTConfig | None = None) -> GPTConfig:
+        """The GPTConfig to train: preset (or the init checkpoint's config) with `model` overrides."""
+        if self.preset is not None:
+            base = preset_config(self.preset)
+        else:
+            base = init_config or preset_config("tiny")
+        names = {f.name for f in dataclasses.fields(GPTConfig)}
+        unknown = sorted(set(self.model) - names)
+        if unknown:
+            raise DselError(f"train config: unknown model setting '{unknown[0]}'; GPTConfig has {', '.join(sorted(names))}")
+        merged = {**dataclasses.asdict(base), **self.model}
+        return from_dict(GPTConfig, merged, "train config: model").validate("train config: model")
+
+    def num_steps(self, seq_len: int) -> int:
+        """Optimizer steps: `steps`, or `tokens` rounded up to whole steps of batch_size*grad_accum*seq_len."""
+        if self.steps is not None:
+            return self.steps
+        return math.ceil(self.tokens / (self.batch_size * self.grad_accum * seq_len))
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.batch_size * self.grad_accum

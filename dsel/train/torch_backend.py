@@ -1,0 +1,401 @@
+"""The torch training backend: one process, CPU or one GPU.
+
+    out = train(cfg)                      # -> out/model, a dsel.models checkpoint
+
+Step s (0-based) trains on GPTDataset samples [s*B*A, (s+1)*B*A) (B = batch_size, A = grad_accum),
+so the data position is a function of the step alone. A checkpoint holds the model, the optimizer,
+the step and the RNG state; a run killed after a checkpoint and started again with the same
+command continues from it and produces the same losses and weights, bit for bit, as a run that
+was never interrupted (the log is cut back to the checkpoint's step first).
+
+Output directory:
+    model/        dsel checkpoint of the latest model; meta.json carries the data's tokenizer,
+                  tokenizer_sha256 and vocab_size (from <prefix>.meta.json) and the training run
+    state/state.pt  everything needed to resume
+    log.jsonl     one row per step {step, loss, lr, tokens, grad_norm}; eval rows {step, valid_loss}
+    config.yaml   the settings of the run
+"""
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import closing
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from dsel.color.commands import resolve_device
+from dsel.color.finetune import lr_at
+from dsel.color.scorer import autocast_for
+from dsel.config import save_config, to_dict
+from dsel.data.indexed import IndexedDataset
+from dsel.data.loader import GPTSampleLoader, WindowStream, prefetched
+from dsel.data.meta import meta_path, read_meta
+from dsel.data.windows import Windows
+from dsel.errors import file_error
+from dsel.io import atomic_path, progress, read_json
+from dsel.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+# Settings a resumed run may change; any other difference means the checkpoint belongs to another run.
+RESUMABLE_CHANGES = ("device", "precision", "eval_every", "eval_batches", "save_every", "valid", "log")
+
+SampleWeights = Callable[[np.ndarray], np.ndarray]
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def open_dataset(prefix: str, vocab_size: int) -> IndexedDataset:
+    """An IndexedDataset checked to be non-empty and to hold only ids below the model's vocabulary."""
+    dataset = IndexedDataset(prefix)
+    if dataset.num_tokens == 0:
+        raise file_error(dataset.bin_path, "dataset is empty (no tokens to train on)")
+    dataset.check_tokens(vocab_size)
+    return dataset
+
+
+def blending_index(weights: Sequence[float], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """megatron BlendedDataset's order: sample i comes from the dataset furthest behind its share."""
+    weights = np.asarray(weights, dtype=np.float64) / np.sum(weights)
+    dataset_index = np.empty(size, dtype=np.int64)
+    dataset_sample = np.empty(size, dtype=np.int64)
+    taken = np.zeros(len(weights), dtype=np.int64)
+    for i in range(size):
+        d = int(np.argmax(weights * max(i, 1.0) - taken))
+        dataset_index[i], dataset_sample[i] = d, taken[d]
+        taken[d] += 1
+    return dataset_index, dataset_sample
+
+
+class BlendedSamples:
+    """Samples of several datasets interleaved by weight; `batch(ids)` like GPTSampleLoader's."""
+
+    def __init__(self, datasets: list[IndexedDataset], weights: Sequence[float], seq_len: int, seed: int,
+                 num_samples: int):
+        self.dataset_index, self.dataset_sample = blending_index(weights, num_samples)
+        counts = np.bincount(self.dataset_index, minlength=len(datasets))
+        self.loaders = [GPTSampleLoader(ds, seq_len, 1, seed, num_samples=max(int(n), 1), prefetch=0)
+                        for ds, n in zip(datasets, counts)]
+        self.seq_len, self.num_samples = seq_len, num_samples
+
+    def batch(self, ids: np.ndarray) -> np.ndarray:
+        """Samples `ids` of the blend, [len(ids), seq_len+1] int64."""
+        ids = np.asarray(ids, dtype=np.int64)
+        out = np.empty((len(ids), self.seq_len + 1), dtype=np.int64)
+        which = self.dataset_index[ids]
+        for d in np.unique(which):
+            rows = which == d
+            out[rows] = self.loaders[d].batch(self.dataset_sample[ids[rows]])
+        return out
+
+
+def training_samples(cfg: TrainConfig, seq_len: int, vocab_size: int, num_samples: int):
+    """The sample source of the run (one dataset: GPTSampleLoader; several: BlendedSamples)."""
+    datasets = [open_dataset(prefix, vocab_size) for prefix in cfg.data]
+    if len(datasets) == 1:
+        return GPTSampleLoader(datasets[0], seq_len, cfg.batch_size, cfg.seed, num_samples=num_samples, prefetch=0)
+    weights = cfg.data_weights or [ds.num_tokens for ds in datasets]
+    return BlendedSamples(datasets, weights, seq_len, cfg.seed, num_samples)
+
+
+def data_meta(prefixes: Sequence[str], model_vocab: int | None = None) -> dict:
+    """tokenizer, tokenizer_sha256 and vocab_size of the data (from <prefix>.meta.json), checked to agree."""
+    found: dict = {}
+    for prefix in prefixes:
+        path = meta_path(prefix)
+        if not Path(path).is_file():
+            log.warning("%s not found: the checkpoint will not record the tokenizer", path)
+            continue
+        meta = {k: read_meta(prefix)[k] for k in ("tokenizer", "tokenizer_sha256", "vocab_size")}
+        if found and meta["tokenizer_sha256"] != found["tokenizer_sha256"]:
+            raise file_error(path, f"tokenizer differs from the one of {prefixes[0]}")
+        if model_vocab is not None and meta["vocab_size"] > model_vocab:
+            raise file_error(path, f"tokenizer vocabulary {meta['vocab_size']} exceeds the model's vocab_size "
+                                   f"{model_vocab}; set model.vocab_size (or a preset) to at least that")
+        found = found or meta
+    return found
+
+
+def check_init_tokenizer(init: str, data: dict) -> None:
+    """Refuse fine-tuning a checkpoint on data tokenized with another tokenizer (when both record one)."""
+    meta_file = Path(init) / "meta.json"
+    have = read_json(meta_file).get("tokenizer_sha256") if meta_file.is_file() else None
+    want = data.get("tokenizer_sha256")
+    if have and want and have != want:
+        raise file_error(init, f"model was trained with tokenizer {have[:12]}..., the data uses {want[:12]}...")
+
+
+def load_sample_weights(path: str, num_samples: int) -> SampleWeights:
+    """Per-sample loss weights from a 1-D .npy indexed by training sample."""
+    try:
+        weights = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise file_error(path, f"cannot be read as a .npy array ({e})") from None
+    if weights.ndim != 1 or not np.issubdtype(weights.dtype, np.number):
+        raise file_error(path, f"expected a 1-D numeric array of per-sample weights, got {weights.dtype} {weights.shape}")
+    if len(weights) < num_samples:
+        raise file_error(path, f"{len(weights)} weights for a run of {num_samples} samples")
+    return lambda ids: np.asarray(weights[ids], dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and optimizer
+
+
+def build_model(cfg: TrainConfig, load_init: bool = True) -> torch.nn.Module:
+    """The GPT to train: preset + overrides (on init's architecture), with init's weights when asked."""
+    from dsel.models.checkpoint import load_weights, read_model_config
+    from dsel.models.gpt import GPT
+
+    init_config = None
+    if cfg.init is not None:
+        arch, init_config = read_model_config(cfg.init)
+        if arch != GPT.arch:
+            raise file_error(cfg.init, f"init checkpoint is a '{arch}' model, training needs a '{GPT.arch}' model")
+    torch.manual_seed(cfg.seed)
+    model = GPT(cfg.model_config(init_config))
+    if cfg.init is not None and load_init:
+        load_weights(model, cfg.init)
+    return model
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW or plain SGD; weight decay on matrices only (not on norms and biases)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr)
+    fused = params[0].is_cuda  # one fused kernel per step on GPU
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def learning_rate(cfg: TrainConfig, step: int, steps: int) -> float:
+    """Linear warmup to lr (step s < warmup: lr*(s+1)/warmup), then cosine decay to min_lr at the last step."""
+    return lr_at(step, steps, cfg.lr, cfg.warmup, cfg.min_lr / cfg.lr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps and evaluation
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches, lr: float,
+               grad_clip: float, device: torch.device, precision: str = "auto") -> tuple[float, float]:
+    """One optimizer step over micro-batches of (tokens [B, W], weights [B] or None) -> (loss, grad norm).
+
+    The loss is the mean window loss over all micro-batches, or with weights sum_n w_n*loss_n / N
+    (N = windows in the step; all-ones weights give the plain mean).
+    """
+    total = sum(len(tokens) for tokens, _ in micro_batches)
+    loss_sum = torch.zeros((), device=device)
+    for tokens, weights in micro_batches:
+        tokens = tokens.to(device, non_blocking=True)
+        with autocast_for(device, precision):
+            if weights is None:
+                loss = model.loss(tokens) * (len(tokens) / total)
+            else:
+                loss = model.loss(tokens, weights.to(device) / total)
+        loss.backward()
+        loss_sum += loss.detach()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum.item(), norm.item()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data, window: Optional[int] = None, batch_size: int = 8,
+             device: str | torch.device | None = None, max_batches: Optional[int] = None,
+             precision: str = "auto") -> float:
+    """Mean held-out loss of the first windows of `data` (a dataset prefix or a Windows).
+
+    Windows are consecutive `window` tokens (default: the model's seq_len + 1, predicting seq_len).
+    """
+    window = window or model.config.seq_len + 1
+    windows = data if isinstance(data, Windows) else Windows(IndexedDataset(data), window)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    stop = len(windows) if max_batches is None else min(len(windows), max_batches * batch_size)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for _, tokens in WindowStream(windows, batch_size, stop=stop):
+        with autocast_for(device, precision):
+            losses = model.sequence_losses(torch.from_numpy(tokens).to(device))
+        total += losses.double().sum().item()
+        count += len(losses)
+    model.train(was_training)
+    return total / count
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and the log
+
+
+def state_path(cfg: TrainConfig) -> Path:
+    return Path(cfg.out) / "state" / "state.pt"
+
+
+def save_checkpoint(cfg: TrainConfig, model, optimizer, step: int, meta: dict) -> None:
+    """Write out/model (a dsel checkpoint) and then out/state/state.pt (for resuming), each atomically."""
+    from dsel.models.checkpoint import save_model
+
+    save_model(Path(cfg.out) / "model", model, {**meta, "step": step, "tokens": step * tokens_per_step(cfg, model)})
+    state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "rng": rng_state(), "config": to_dict(cfg)}
+    with atomic_path(state_path(cfg)) as tmp:
+        torch.save(state, tmp)
+
+
+def rng_state() -> dict:
+    """torch's CPU (and CUDA) generator states."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_state(cfg: TrainConfig) -> dict | None:
+    """The resume state of `cfg.out`, checked to come from the same run settings; None if there is none."""
+    path = state_path(cfg)
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a corrupt file
+        raise file_error(path, f"cannot be read as a training state ({type(e).__name__})") from None
+    old, new = state["config"], to_dict(cfg)
+    for key in sorted(set(old) | set(new)):
+        if key not in RESUMABLE_CHANGES and old.get(key) != new.get(key):
+            raise file_error(path, f"belongs to a run with {key}={old.get(key)!r}, not {new.get(key)!r}; "
+                                   f"use another out directory or delete {path.parent}")
+    return state
+
+
+def tokens_per_step(cfg: TrainConfig, model) -> int:
+    return cfg.samples_per_step * model.config.seq_len
+
+
+def cut_log(path: Path, step: int) -> None:
+    """Keep only the log rows of steps <= `step` (the resumed run writes the rest again; a torn row goes too)."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines() if logged_step(line) <= step]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(row + "\n" for row in rows))
+
+
+def logged_step(line: str) -> float:
+    """The step of a log row; infinity for a row cut short by a kill."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def step_batches(samples, cfg: TrainConfig, first_step: int, steps: int, weights_of: SampleWeights | None,
+                 pin: bool = False):
+    """Per step, the micro-batches [(tokens, weights)] of its samples, prefetched on a thread.
+
+    `pin` puts the tokens in page-locked memory so the copy to the GPU overlaps compute.
+    """
+    per_step = cfg.samples_per_step
+
+    def make(step: int):
+        ids = np.arange(step * per_step, (step + 1) * per_step, dtype=np.int64)
+        tokens = torch.from_numpy(samples.batch(ids))
+        tokens = tokens.pin_memory() if pin else tokens
+        weights = torch.from_numpy(np.asarray(weights_of(ids), dtype=np.float32)) if weights_of else None
+        return [(tokens[i : i + cfg.batch_size], None if weights is None else weights[i : i + cfg.batch_size])
+                for i in range(0, per_step, cfg.batch_size)]
+
+    return prefetched(range(first_step, steps), make, depth=2)
+
+
+def train(cfg: TrainConfig, sample_weights: SampleWeights | None = None,
+          on_step: Callable[[int, dict], None] | None = None) -> Path:
+    """Train (or resume, or fine-tune from cfg.init) and return the checkpoint directory out/model.
+
+    `sample_weights(ids) -> float[len(ids)]` weights each training sample's loss (overrides
+    cfg.weights); `on_step(step, row)` is called after every logged step.
+    """
+    out = Path(cfg.out)
+    device = resolve_device(cfg.device)
+    state = load_state(cfg)
+    model = build_model(cfg) if state is None else resume_model(cfg, state)
+    seq_len, vocab_size = model.config.seq_len, model.config.vocab_size
+    steps = cfg.num_steps(seq_len)
+    num_samples = steps * cfg.samples_per_step
+    samples = training_samples(cfg, seq_len, vocab_size, num_samples)
+    valid = Windows(open_dataset(cfg.valid, vocab_size), seq_len + 1) if cfg.valid is not None else None
+    weights_of = sample_weights or (load_sample_weights(cfg.weights, num_samples) if cfg.weights else None)
+    meta = {**data_meta(cfg.data, vocab_size), "data": list(cfg.data), "init": cfg.init, "train": to_dict(cfg)}
+    if cfg.init is not None:
+        check_init_tokenizer(cfg.init, meta)
+
+    model.to(device).train()
+    optimizer = make_optimizer(model, cfg)
+    first_step = 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        restore_rng(state["rng"])
+        first_step = state["step"]
+        log.info("resuming %s at step %d of %d", out, first_step, steps)
+    save_config(cfg, out / "config.yaml")
+    log_path = out / cfg.log
+    cut_log(log_path, first_step)
+    if first_step >= steps:
+        return out / "model"
+
+    batches = step_batches(samples, cfg, first_step, steps, weights_of, pin=device.type == "cuda")
+    with open(log_path, "a") as log_file, closing(batches), progress(total=steps, initial=first_step, desc="train",
+                                                                     unit="step") as bar:
+        for step, micro_batches in enumerate(batches, first_step):
+            lr = learning_rate(cfg, step, steps)
+            loss, grad_norm = train_step(model, optimizer, micro_batches, lr, cfg.grad_clip, device, cfg.precision)
+            done = step + 1
+            row = {"step": done, "loss": loss, "lr": lr, "tokens": done * tokens_per_step(cfg, model),
+                   "grad_norm": grad_norm}
+            write_row(log_file, row)
+            bar.update()
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if valid is not None and (done == steps or (cfg.eval_every and done % cfg.eval_every == 0)):
+                valid_loss = evaluate(model, valid, batch_size=cfg.batch_size, device=device,
+                                      max_batches=cfg.eval_batches, precision=cfg.precision)
+                write_row(log_file, {"step": done, "valid_loss": valid_loss})
+                bar.set_postfix(loss=f"{loss:.4f}", valid=f"{valid_loss:.4f}")
+            if done == steps or (cfg.save_every and done % cfg.save_every == 0):
+                save_checkpoint(cfg, model, optimizer, done, meta)
+            if on_step is not None:
+                on_step(done, row)
+    log.info("trained %d steps; final loss %.4f; checkpoint %s", steps, loss, out / "model")
+    return out / "model"
+
+
+def resume_model(cfg: TrainConfig, state: dict) -> torch.nn.Module:
+    """The model of a resumed run: the run's architecture with the checkpointed weights."""
+    model = build_model(cfg, load_init=False)
+    model.load_state_dict(state["model"])
+    return model
+
+
+def write_row(log_file, row: dict) -> None:
+    """Append one JSON row to the log and flush it (a killed run keeps every finished step)."""
+    log_file.write(json.dumps(row) + "\n")
+    log_file.flush()

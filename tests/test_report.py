@@ -1,0 +1,67 @@
+"""The run report renders from synthetic stage outputs: every section, every PNG, the numbers in the table."""
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dsel.eval.report import domain_shares, write_report
+
+DOMAINS = ["legal", "science", "sports"]
+
+
+def fake_run(run_dir, rng):
+    """Score tables, selections, training logs and results as the pipeline's stages write them."""
+    arms = {"pds": "pds", "color": "color", "random": None}
+    for arm, column in arms.items():
+        kept = {"legal": 10, "science": 60, "sports": 30} if column else {"legal": 33, "science": 34, "sports": 33}
+        domains = {d: {"kept": k, "pool": 100, "kept_share": k / 100, "pool_share": 1 / 3, "kept_fraction": k / 100}
+                   for d, k in kept.items()}
+        selection = {"method": "gumbel" if arm == "pds" else arm, "expression": column, "threshold": 0.5,
+                     "kept_fraction": 1 / 3, "tokens_kept": 6500, "domains": domains}
+        (run_dir / arm / "select").mkdir(parents=True)
+        (run_dir / arm / "select" / "selection.json").write_text(json.dumps(selection))
+        if column:
+            (run_dir / arm / "score").mkdir(parents=True)
+            table = pa.table({"window": np.arange(300), "domain": [DOMAINS[i % 3] for i in range(300)],
+                              column: rng.normal(size=300).astype(np.float32)})
+            pq.write_table(table, run_dir / arm / "score" / "scores.parquet")
+        log = run_dir / "pretrain" / arm / "log.jsonl"
+        log.parent.mkdir(parents=True)
+        rows = [{"step": s, "loss": 5.0 / s, "lr": 1e-3, "tokens": 64 * s} for s in range(1, 21)]
+        rows += [{"step": s, "valid_loss": 6.0 / s} for s in (10, 20)]
+        log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = {"target": "science", "timings": {"tokenize": 1.5, "prior": 30.0},
+               "arms": {arm: {"target_loss": loss, "mean_loss": loss + 0.5, "tokens_selected": 6500,
+                              "losses": {d: loss + k for k, d in enumerate(DOMAINS)},
+                              "lm_eval": {"dsel_science_facts": {"acc,none": 0.25 + loss / 100}}}
+                        for arm, loss in (("pds", 2.25), ("color", 2.125), ("random", 2.75))}}
+    (run_dir / "results.json").write_text(json.dumps(results))
+
+
+def test_report_renders_every_section_with_its_numbers(tmp_path):
+    fake_run(tmp_path, np.random.default_rng(0))
+    page = write_report(tmp_path, tmp_path / "report")
+    text = page.read_text()
+    for name in ("score_histograms.png", "domain_shares.png", "loss_curves.png"):
+        png = tmp_path / "report" / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"src='{name}'" in text
+    assert "<b>2.1250</b>" in text  # the best target loss is highlighted
+    assert "2.7500" in text and "dsel_science_facts acc,none" in text and "0.271" in text
+    assert "<b>31.5</b>" in text  # total of the stage timings
+
+
+def test_domain_shares_come_from_the_selections(tmp_path):
+    fake_run(tmp_path, np.random.default_rng(0))
+    names, shares = domain_shares(tmp_path, ["pds", "color", "random"])
+    assert names == DOMAINS
+    assert shares["pool"] == [1 / 3] * 3
+    assert shares["pds"] == [0.1, 0.6, 0.3] and shares["random"] == [0.33, 0.34, 0.33]
+
+
+def test_report_of_a_partial_run_keeps_what_exists(tmp_path):
+    log = tmp_path / "pretrain" / "random" / "log.jsonl"
+    log.parent.mkdir(parents=True)
+    log.write_text(json.dumps({"step": 1, "loss": 3.0}) + "\n")
+    text = write_report(tmp_path, tmp_path / "report").read_text()
+    assert "loss_curves.png" in text and "score_histograms.png" not in text and "no results yet" in text
