@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import socket
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,7 @@ def init_parallel(tp: int, pp: int) -> None:
 
     Without torchrun (no MASTER_ADDR) it starts a one-process group on a free local port.
     """
+    quiet_megatron_warnings()
     from megatron.core import parallel_state
 
     shim.activate()
@@ -56,6 +58,17 @@ def init_parallel(tp: int, pp: int) -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+
+
+def quiet_megatron_warnings() -> None:
+    """Drop megatron-core's import-time notices that TE/Apex are missing (one per module and rank).
+
+    Without them it uses its local layer spec and torch's optimizers, which is what this backend
+    expects on a machine without Transformer Engine.
+    """
+    for message in (r"Transformer Engine and Apex are not installed", r"Apex is not installed",
+                    r"full scope is deprecated"):
+        warnings.filterwarnings("ignore", message=message, category=UserWarning)
 
 
 def _free_port() -> int:
