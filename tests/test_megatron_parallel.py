@@ -55,7 +55,7 @@ def torchrun(tmp_path, runs: list[dict], nproc: int = 2) -> None:
     spec.write_text(json.dumps(runs))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            str(ROOT / "tests" / "megatron_worker.py"), str(spec)]
-    env = {**os.environ, "DSEL_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "DSEL_PROGRESS": "0", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # CPU + gloo
     returncode, stderr = run_group(cmd, ROOT, env)
     assert returncode == 0, stderr[-3000:]
 
@@ -163,7 +163,7 @@ def test_dsel_train_command_under_torchrun(tmp_path):
     base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dsel",
             "train", f"data=[{data}]", "preset=tiny", f"model.vocab_size={MODEL['vocab_size']}", "model.seq_len=16",
             "steps=2", "batch_size=2", "backend=megatron"]
-    env = {**os.environ, "DSEL_PROGRESS": "0", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "DSEL_PROGRESS": "0", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
     returncode, stderr = run_group(base + [f"out={tmp_path / 'run'}", "parallel.tp=2"], tmp_path, env)
     assert returncode == 0, stderr[-3000:]
     assert json.loads((tmp_path / "run" / "model" / "config.json").read_text())["arch"] == "gpt"

@@ -53,6 +53,15 @@ def check_layout(cfg: TrainConfig, config, world: int) -> int:
     return dp
 
 
+def check_device(cfg: TrainConfig) -> None:
+    """The megatron backend trains on the GPUs it sees, or on the CPU when it sees none: `device` must agree."""
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise DselError(f"train config: device={cfg.device} but no GPU is visible")
+    if cfg.device == "cpu" and torch.cuda.is_available():
+        raise DselError("train config: device=cpu, but the megatron backend uses every GPU it sees; "
+                        "hide them with CUDA_VISIBLE_DEVICES= to train on the CPU")
+
+
 def use_bf16(cfg: TrainConfig) -> bool:
     """bf16 weights (fp32 main params in the optimizer) on GPUs with precision auto|bf16."""
     return cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available())
@@ -341,6 +350,7 @@ def train(cfg: TrainConfig, sample_weights=None, on_step: Callable[[int, dict], 
     gpt = torch_backend.build_model(cfg)  # the torch backend's init: same seed, same weights
     config, seq_len = gpt.config, gpt.config.seq_len
     dp = check_layout(cfg, config, world_size())
+    check_device(cfg)
     steps = cfg.num_steps(seq_len)
     num_samples = steps * cfg.samples_per_step
     samples = torch_backend.training_samples(cfg, seq_len, config.vocab_size, num_samples)
