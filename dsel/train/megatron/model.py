@@ -101,7 +101,8 @@ def seed_everything(seed: int) -> None:
 
 
 def transformer_config(config: GPTConfig, tp: int = 1, pp: int = 1, bf16: bool = False):
-    """The megatron TransformerConfig of a dsel GPTConfig (no dropout, no fusions that need CUDA)."""
+    """The megatron TransformerConfig of a dsel GPTConfig: no dropout, and only fusions that compute what the
+    dsel GPT computes (bias-dropout-add on GPUs)."""
     from megatron.core.transformer import TransformerConfig
 
     swiglu = config.activation == "swiglu"
@@ -116,7 +117,8 @@ def transformer_config(config: GPTConfig, tp: int = 1, pp: int = 1, bf16: bool =
         hidden_dropout=0.0, attention_dropout=0.0, init_method_std=config.init_std,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=False,
         params_dtype=dtype, pipeline_dtype=dtype, bf16=bf16,
-        use_cpu_initialization=not on_gpu, bias_activation_fusion=on_gpu and not swiglu and config.bias,
+        use_cpu_initialization=not on_gpu,
+        bias_activation_fusion=False,  # megatron's fused bias-gelu is the tanh approximation of gelu
         masked_softmax_fusion=False, bias_dropout_fusion=on_gpu, apply_rope_fusion=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False,
     )
