@@ -115,7 +115,8 @@ def run(args) -> dict:
     rows = []
     with tempfile.TemporaryDirectory() as out:
         cfg = train_config(batch_size, "bf16" if on_gpu else "fp32", out)
-        for name, make, world in (("torch", torch_step, contextlib.nullcontext), ("megatron", megatron_step, megatron_world)):
+        backends = (("torch", torch_step, contextlib.nullcontext), ("megatron", megatron_step, megatron_world))
+        for name, make, world in backends:
             torch.manual_seed(0)
             with world():
                 seconds, peak_bytes = measure(make(config, tokens, cfg, device), device, args.repeats)
@@ -123,11 +124,11 @@ def run(args) -> dict:
             rows.append({"backend": name, "step_s": seconds, "tokens_per_s": tokens_per_s,
                          "tflops": tokens_per_s * flops_per_token / 1e12,
                          "mfu": tokens_per_s * flops_per_token / peak, "peak_memory_bytes": peak_bytes})
-    by_name = {r["backend"]: r for r in rows}
+    speed = {r["backend"]: r["tokens_per_s"] for r in rows}
     return {"device": torch.cuda.get_device_name() if on_gpu else "cpu", "precision": cfg.precision,
             "model": dataclasses.asdict(config), "batch_size": batch_size, "flops_per_token": flops_per_token,
             "peak_flops": peak, "peak_source": "H100 bf16 dense (800 TFLOP/s)" if on_gpu else "measured fp32 matmul",
-            "rows": rows, "ratio_megatron_over_torch": by_name["megatron"]["tokens_per_s"] / by_name["torch"]["tokens_per_s"]}
+            "rows": rows, "ratio_megatron_over_torch": speed["megatron"] / speed["torch"]}
 
 
 def print_table(result: dict) -> None:

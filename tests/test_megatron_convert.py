@@ -34,12 +34,20 @@ def single_rank(tmp_path_factory):
 
 
 def megatron_logits(model, tokens):
-    return model(tokens, megatron_model.position_ids(tokens), None)
+    """Logits of a megatron model (on the GPU when there is one) for CPU tokens, back on the CPU."""
+    tokens = tokens.to(next(model.parameters()).device)
+    return model(tokens, megatron_model.position_ids(tokens), None).float().cpu()
+
+
+def megatron_shard(state, config):
+    """A one-rank megatron state_dict (TE names when megatron builds with Transformer Engine)."""
+    return convert.to_megatron(state, config, te=megatron_model.use_transformer_engine())
 
 
 def perturbed(state):
     """Non-trivial norms and biases, so the test sees them."""
-    return {k: v + 0.1 * torch.randn_like(v) if ("layernorm" in k or k.endswith("bias")) else v for k, v in state.items()}
+    return {k: v + 0.1 * torch.randn_like(v) if "layernorm" in k or k.endswith("bias") else v
+            for k, v in state.items()}
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -50,7 +58,7 @@ def test_dsel_to_megatron_same_logits(single_rank, name):
     gpt.load_state_dict(perturbed(gpt.state_dict()))
     megatron_model.seed_everything(1)
     model = megatron_model.build_model(config)
-    convert.load_shard(model, convert.to_megatron(gpt.state_dict(), config))
+    convert.load_shard(model, megatron_shard(gpt.state_dict(), config))
     tokens = torch.randint(0, config.vocab_size, (3, config.seq_len))
     with torch.no_grad():
         torch.testing.assert_close(megatron_logits(model, tokens), gpt(tokens), atol=1e-5, rtol=1e-5)
@@ -97,7 +105,8 @@ def test_tensor_parallel_slices_follow_megatron_layout():
     torch.testing.assert_close(rank1["decoder.layers.0.mlp.linear_fc1.weight"], torch.cat([gate[24:], up[24:]]))
     torch.testing.assert_close(rank1["decoder.layers.0.self_attention.linear_proj.weight"],
                                state["decoder.layers.0.self_attention.linear_proj.weight"][:, 16:])
-    torch.testing.assert_close(rank1["embedding.word_embeddings.weight"], state["embedding.word_embeddings.weight"][64:])
+    embedding = state["embedding.word_embeddings.weight"]
+    torch.testing.assert_close(rank1["embedding.word_embeddings.weight"], embedding[64:])
 
 
 def test_te_names_and_tied_output_on_last_stage():
@@ -116,4 +125,4 @@ def test_shape_mismatch_is_one_line_error(single_rank):
     model = megatron_model.build_model(config)
     state = gpt_module.GPT(dataclasses.replace(config, d_model=64)).state_dict()
     with pytest.raises(DselError, match="word_embeddings.weight has shape"):
-        convert.load_shard(model, convert.to_megatron(state, config))
+        convert.load_shard(model, megatron_shard(state, config))

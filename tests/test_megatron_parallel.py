@@ -2,6 +2,7 @@
 train the same model on the same samples as the torch backend, to the same losses and weights."""
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = {"vocab_size": 128, "seq_len": 16, "n_layer": 2, "d_model": 32, "n_head": 4, "n_query_groups": 2,
          "activation": "swiglu", "ffn_hidden": 64}
 # Each layout trains a variant of MODEL, so the runs also cover tied embeddings across pipeline
-# stages, rmsnorm, gelu, biases and per-sample loss weights; the bf16 run (megatron's bf16 weights with fp32 main params vs
-# the torch backend's bf16 autocast) matches to bf16 precision only.
+# stages, rmsnorm, gelu, biases and per-sample loss weights; the bf16 run (megatron's bf16
+# weights with fp32 main params vs the torch backend's bf16 autocast) matches to bf16 precision.
 LAYOUTS = {
     "tp2": ({"tp": 2}, {}),  # with per-sample loss weights (see runs)
     "pp2": ({"pp": 2}, {"tie_embeddings": True, "norm": "rmsnorm"}),
@@ -38,10 +39,9 @@ PRECISION = {"pp2-bf16": "bf16"}
 
 
 def settings(tmp_path, data, name, model_changes, **overrides):
-    return {"data": [data], "valid": str(tmp_path / "valid"), "out": str(tmp_path / name), "model": {**MODEL, **model_changes},
-            "steps": 6, "batch_size": 4,
-            "grad_accum": 2, "lr": 1e-2, "min_lr": 1e-3, "warmup": 1, "eval_batches": 2, "device": "cpu",
-            "backend": "megatron", **overrides}
+    return {"data": [data], "valid": str(tmp_path / "valid"), "out": str(tmp_path / name),
+            "model": {**MODEL, **model_changes}, "steps": 6, "batch_size": 4, "grad_accum": 2, "lr": 1e-2,
+            "min_lr": 1e-3, "warmup": 1, "eval_batches": 2, "device": "cpu", "backend": "megatron", **overrides}
 
 
 def read_log(run: Path):
@@ -55,9 +55,22 @@ def torchrun(tmp_path, runs: list[dict], nproc: int = 2) -> None:
     spec.write_text(json.dumps(runs))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            str(ROOT / "tests" / "megatron_worker.py"), str(spec)]
-    env = {**os.environ, "DSEL_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    env = {**os.environ, "DSEL_PROGRESS": "0", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # CPU + gloo
+    returncode, stderr = run_group(cmd, ROOT, env)
+    assert returncode == 0, stderr[-3000:]
+
+
+def run_group(cmd: list[str], cwd, env, timeout: int = 300) -> tuple[int, str]:
+    """(exit status, stderr) of cmd in its own process group, killed whole (torchrun's workers too) on timeout."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+        return proc.returncode, stderr
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
 
 
 def assert_same_weights(path_a: Path, path_b: Path) -> None:
@@ -82,8 +95,10 @@ def runs(tmp_path_factory):
     for name, (_, changes) in LAYOUTS.items():
         torch_backend.train(from_dict(TrainConfig, settings(tmp_path, data, f"{name}-torch", changes, backend="torch",
                                                             **extra[name])))
+    dp2_layout, dp2_changes = LAYOUTS["dp2"]
+    resumed = settings(tmp_path, data, "dp2-resumed", dp2_changes, parallel=dp2_layout, save_every=3, interrupt_after=4)
     torchrun(tmp_path, [settings(tmp_path, data, name, changes, parallel=layout, **extra[name])
-                        for name, (layout, changes) in LAYOUTS.items()])
+                        for name, (layout, changes) in LAYOUTS.items()] + [resumed])
     return tmp_path
 
 
@@ -103,6 +118,14 @@ def test_bf16_matches_torch_backend_autocast(runs):
     assert losses[-1] < losses[0] - 0.2
     torch.testing.assert_close(losses, ref_losses, atol=3e-2, rtol=0)
     torch.testing.assert_close(valid, ref_valid, atol=3e-2, rtol=0)
+
+
+def test_resume_after_interruption_is_exact(runs):
+    """Stopped after step 4 (state saved at step 3), started again: the log and weights of an uninterrupted run."""
+    assert read_log(runs / "dp2-resumed") == read_log(runs / "dp2")
+    a, b = torch.load(runs / "dp2-resumed" / "model" / "model.pt"), torch.load(runs / "dp2" / "model" / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in (runs / "dp2-resumed" / "state" / "megatron").iterdir()) == ["latest.json", "step-6"]
 
 
 def test_data_parallel_replicas_agree(runs):
@@ -140,12 +163,10 @@ def test_dsel_train_command_under_torchrun(tmp_path):
     base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dsel",
             "train", f"data=[{data}]", "preset=tiny", f"model.vocab_size={MODEL['vocab_size']}", "model.seq_len=16",
             "steps=2", "batch_size=2", "backend=megatron"]
-    env = {**os.environ, "DSEL_PROGRESS": "0", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(base + [f"out={tmp_path / 'run'}", "parallel.tp=2"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    env = {**os.environ, "DSEL_PROGRESS": "0", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    returncode, stderr = run_group(base + [f"out={tmp_path / 'run'}", "parallel.tp=2"], tmp_path, env)
+    assert returncode == 0, stderr[-3000:]
     assert json.loads((tmp_path / "run" / "model" / "config.json").read_text())["arch"] == "gpt"
     one_process = [arg if arg != "2" else "1" for arg in base]
-    bad = subprocess.run(one_process + [f"out={tmp_path / 'bad'}", "parallel.tp=2"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert bad.returncode != 0 and "dsel train: error: train config: world size 1 is not divisible by tp*pp" in bad.stderr
+    returncode, stderr = run_group(one_process + [f"out={tmp_path / 'bad'}", "parallel.tp=2"], tmp_path, env)
+    assert returncode != 0 and "dsel train: error: train config: world size 1 is not divisible by tp*pp" in stderr

@@ -13,20 +13,24 @@ the same learning-rate schedule and the same clipped updates as the torch backen
 
 Process groups are gloo on a CPU machine (with `dsel.train.megatron.shim`) and nccl on GPUs.
 Rank 0 writes the torch backend's out/ layout: log.jsonl, config.yaml and model/ (a dsel
-checkpoint gathered from every rank's shard). Resuming (out/state/) is torch-backend only.
+checkpoint gathered from every rank's shard); out/state/megatron/ holds every rank's shard and
+optimizer state, and running the same command again (same world size) resumes from it.
 """
 from __future__ import annotations
 
 import functools
 import logging
 import os
+import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from dsel.config import save_config, to_dict
-from dsel.errors import DselError
-from dsel.io import progress
+from dsel.data.windows import Windows
+from dsel.errors import DselError, file_error
+from dsel.io import atomic_path, progress, read_json, write_json
 from dsel.train.config import TrainConfig
 from dsel.train.megatron import convert, model as megatron_model
 
@@ -47,6 +51,15 @@ def check_layout(cfg: TrainConfig, config, world: int) -> int:
         raise DselError(f"train config: batch_size={cfg.batch_size} is not divisible by the data-parallel size {dp} "
                         f"(world {world} / tp {tp} / pp {pp})")
     return dp
+
+
+def check_device(cfg: TrainConfig) -> None:
+    """The megatron backend trains on the GPUs it sees, or on the CPU when it sees none: `device` must agree."""
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise DselError(f"train config: device={cfg.device} but no GPU is visible")
+    if cfg.device == "cpu" and torch.cuda.is_available():
+        raise DselError("train config: device=cpu, but the megatron backend uses every GPU it sees; "
+                        "hide them with CUDA_VISIBLE_DEVICES= to train on the CPU")
 
 
 def use_bf16(cfg: TrainConfig) -> bool:
@@ -161,14 +174,10 @@ def train_step(ddp, optimizer, micro_batches, lr: float, cfg: TrainConfig, seq_l
 
 
 @torch.no_grad()
-def evaluate(ddp, cfg: TrainConfig, seq_len: int, dp: int) -> float:
-    """Mean loss of the torch backend's held-out windows (the first eval_batches * batch_size windows of `valid`)."""
+def evaluate(ddp, windows, cfg: TrainConfig, seq_len: int, dp: int) -> float:
+    """Mean loss of the torch backend's held-out windows (the first eval_batches * batch_size `windows`)."""
     import numpy as np
 
-    from dsel.data.indexed import IndexedDataset
-    from dsel.data.windows import Windows
-
-    windows = Windows(IndexedDataset(cfg.valid), seq_len + 1)
     count = min(len(windows), cfg.eval_batches * cfg.batch_size)
     padded = -(-count // cfg.batch_size) * cfg.batch_size  # whole micro-batches; padding rows weigh 0
     ids = np.minimum(np.arange(padded), count - 1)
@@ -199,7 +208,8 @@ def gather_full_state(model, config) -> tuple[dict, float] | None:
     torch.distributed.gather_object(mine, gathered, dst=0)
     if gathered is None:
         return None
-    tp, pp = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
     shards = [[None] * tp for _ in range(pp)]
     checksums: dict[tuple, list[float]] = {}
     for (p, t), sums, weights in gathered:
@@ -216,8 +226,8 @@ def unwrap(ddp):
     return model.module if hasattr(model, "module") and not hasattr(model, "decoder") else model
 
 
-def save_final_model(ddp, gpt, cfg: TrainConfig, meta: dict, steps: int) -> Path:
-    """Gather the shards into the dsel GPT and save it as out/model on rank 0."""
+def save_model_checkpoint(ddp, gpt, cfg: TrainConfig, meta: dict, step: int) -> Path:
+    """Gather the shards into the dsel GPT and save it as out/model on rank 0 (the torch backend's layout)."""
     from dsel.models.checkpoint import save_model
 
     gathered = gather_full_state(unwrap(ddp), gpt.config)
@@ -227,59 +237,174 @@ def save_final_model(ddp, gpt, cfg: TrainConfig, meta: dict, steps: int) -> Path
         if spread > 0:
             log.warning("data-parallel replicas differ (checksum spread %.3g)", spread)
         gpt.load_state_dict(full)
-        save_model(path, gpt, {**meta, "step": steps, "tokens": steps * cfg.samples_per_step * gpt.config.seq_len,
-                               "parallel": {**to_dict(cfg.parallel), "dp": world_size() // (cfg.parallel.tp * cfg.parallel.pp),
-                                            "dp_replica_spread": spread}})
+        dp = world_size() // (cfg.parallel.tp * cfg.parallel.pp)
+        save_model(path, gpt, {**meta, "step": step, "tokens": step * cfg.samples_per_step * gpt.config.seq_len,
+                               "parallel": {**to_dict(cfg.parallel), "dp": dp, "dp_replica_spread": spread}})
     torch.distributed.barrier()
     return path
 
 
-def train(cfg: TrainConfig, sample_weights=None) -> Path:
-    """Train under torchrun with cfg.parallel's tp x pp (dp = the rest of the world); returns out/model."""
+# ---------------------------------------------------------------------------------------------
+# Resuming: every rank keeps its own shard and optimizer state under out/state/megatron/step-S/;
+# latest.json names the last step every rank finished saving, so a kill mid-save is harmless.
+
+
+def state_dir(cfg: TrainConfig) -> Path:
+    """Where the megatron backend keeps its resume state (beside the torch backend's state/state.pt)."""
+    return Path(cfg.out) / "state" / "megatron"
+
+
+def optimizer_state(optimizer) -> list:
+    """This rank's optimizer state, per part of megatron's (chained) optimizer.
+
+    A distributed optimizer part keeps this rank's shard of the main params and the inner torch
+    optimizer over it; both are saved as they are (resuming needs the same layout, which
+    load_state checks).
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    state = []
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(part, DistributedOptimizer):
+            main = [p.detach().clone() for group in part.optimizer.param_groups for p in group["params"]]
+            state.append({"inner": part.optimizer.state_dict(), "main_params": main})
+        else:
+            state.append({"whole": part.state_dict()})
+    return state
+
+
+@torch.no_grad()
+def load_optimizer_state(optimizer, state: list) -> None:
+    """Inverse of optimizer_state."""
+    for part, saved in zip(getattr(optimizer, "chained_optimizers", [optimizer]), state):
+        if "whole" in saved:
+            part.load_state_dict(saved["whole"])
+            continue
+        part.optimizer.load_state_dict(saved["inner"])
+        params = [p for group in part.optimizer.param_groups for p in group["params"]]
+        for param, value in zip(params, saved["main_params"]):
+            param.copy_(value)
+
+
+def save_state(cfg: TrainConfig, ddp, optimizer, step: int) -> None:
+    """Write this rank's weights, optimizer state and RNG for `step`; rank 0 then points latest.json at it."""
+    rank, folder = torch.distributed.get_rank(), state_dir(cfg) / f"step-{step}"
+    weights = {k: v for k, v in unwrap(ddp).state_dict().items() if not k.endswith("_extra_state")}
+    state = {"step": step, "model": weights, "optimizer": optimizer_state(optimizer), "rng": torch.get_rng_state(),
+             "config": to_dict(cfg), "world": world_size()}
+    with atomic_path(folder / f"rank-{rank}.pt") as tmp:
+        torch.save(state, tmp)
+    torch.distributed.barrier()
+    if rank == 0:
+        write_json(state_dir(cfg) / "latest.json", {"step": step, "world": world_size()})
+        for old in state_dir(cfg).glob("step-*"):
+            if old != folder:
+                shutil.rmtree(old, ignore_errors=True)
+    torch.distributed.barrier()
+
+
+def load_state(cfg: TrainConfig) -> dict | None:
+    """This rank's saved state of the run in cfg.out (checked to be the same run and layout), or None."""
+    from dsel.train.torch_backend import RESUMABLE_CHANGES
+
+    latest = state_dir(cfg) / "latest.json"
+    if not latest.is_file():
+        return None
+    saved = read_json(latest)
+    if saved["world"] != world_size():
+        raise file_error(latest, f"belongs to a run on {saved['world']} processes, not {world_size()}; "
+                                 f"use another out directory or delete {state_dir(cfg)}")
+    path = state_dir(cfg) / f"step-{saved['step']}" / f"rank-{torch.distributed.get_rank()}.pt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a missing or corrupt file
+        raise file_error(path, f"cannot be read as a training state ({type(e).__name__})") from None
+    old, new = state["config"], to_dict(cfg)
+    for key in sorted(set(old) | set(new)):
+        if key not in RESUMABLE_CHANGES and old.get(key) != new.get(key):
+            raise file_error(path, f"belongs to a run with {key}={old.get(key)!r}, not {new.get(key)!r}; "
+                                   f"use another out directory or delete {state_dir(cfg)}")
+    return state
+
+
+def restore(ddp, optimizer, state: dict) -> int:
+    """Put a saved state back into the model and the optimizer; returns its step."""
+    unwrap(ddp).load_state_dict(state["model"], strict=False)
+    load_optimizer_state(optimizer, state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    return state["step"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def train(cfg: TrainConfig, sample_weights=None, on_step: Callable[[int, dict], None] | None = None) -> Path:
+    """Train (or resume) under torchrun with cfg.parallel's tp x pp (dp = the rest); returns out/model.
+
+    `sample_weights(ids) -> float[len(ids)]` and `on_step(step, row)` (called on every rank after
+    each step) are the torch backend's hooks.
+    """
     from dsel.train import torch_backend
 
     gpt = torch_backend.build_model(cfg)  # the torch backend's init: same seed, same weights
     config, seq_len = gpt.config, gpt.config.seq_len
     dp = check_layout(cfg, config, world_size())
+    check_device(cfg)
     steps = cfg.num_steps(seq_len)
     num_samples = steps * cfg.samples_per_step
     samples = torch_backend.training_samples(cfg, seq_len, config.vocab_size, num_samples)
-    if cfg.valid is not None:
-        torch_backend.open_dataset(cfg.valid, config.vocab_size)
-    weights_of = sample_weights or (torch_backend.load_sample_weights(cfg.weights, num_samples) if cfg.weights else None)
-    meta = {**torch_backend.data_meta(cfg.data), "data": list(cfg.data), "init": cfg.init, "train": to_dict(cfg)}
+    valid = Windows(torch_backend.open_dataset(cfg.valid, config.vocab_size), seq_len + 1) if cfg.valid else None
+    if sample_weights is None and cfg.weights:
+        sample_weights = torch_backend.load_sample_weights(cfg.weights, num_samples)
+    meta = {**torch_backend.data_meta(cfg.data, config.vocab_size), "data": list(cfg.data), "init": cfg.init,
+            "train": to_dict(cfg)}
+    if cfg.init is not None:
+        torch_backend.check_init_tokenizer(cfg.init, meta)
 
     logging.getLogger("megatron.core").setLevel(logging.WARNING)  # it logs its whole config and every parameter name
     started_here = not torch.distributed.is_initialized()
     megatron_model.init_parallel(cfg.parallel.tp, cfg.parallel.pp)
-    megatron_model.seed_everything(cfg.seed)
-    bf16 = use_bf16(cfg)
-    ddp = wrap_ddp(build_parallel_model(cfg, gpt, bf16), cfg)
-    optimizer = make_optimizer(ddp, cfg, bf16)
-    device = compute_device()
-    is_logger = torch.distributed.get_rank() == 0
-    out = Path(cfg.out)
-    if is_logger:
-        save_config(cfg, out / "config.yaml")
-        (out / cfg.log).unlink(missing_ok=True)
     try:
+        megatron_model.seed_everything(cfg.seed)
+        bf16 = use_bf16(cfg)
+        ddp = wrap_ddp(build_parallel_model(cfg, gpt, bf16), cfg)
+        optimizer = make_optimizer(ddp, cfg, bf16)
+        state = load_state(cfg)
+        first_step = 0 if state is None else restore(ddp, optimizer, state)
+        is_logger = torch.distributed.get_rank() == 0
+        out = Path(cfg.out)
+        if is_logger:
+            if first_step:
+                log.info("resuming %s at step %d of %d", out, first_step, steps)
+            save_config(cfg, out / "config.yaml")
+            torch_backend.cut_log(out / cfg.log, first_step)
         ddp.train()
         with open(out / cfg.log, "a") if is_logger else open(os.devnull, "w") as log_file:
-            bar = progress(total=steps, desc=f"train (megatron tp={cfg.parallel.tp} pp={cfg.parallel.pp} dp={dp})",
-                           unit="step", disable=not is_logger or os.environ.get("DSEL_PROGRESS") == "0")
-            for step, batches in enumerate(torch_backend.step_batches(samples, cfg, 0, steps, weights_of)):
-                micro = [rank_rows(tokens, weights, dp, device) for tokens, weights in batches]
+            bar = progress(total=steps, initial=first_step, unit="step",
+                           desc=f"train (megatron tp={cfg.parallel.tp} pp={cfg.parallel.pp} dp={dp})",
+                           disable=not is_logger or os.environ.get("DSEL_PROGRESS") == "0")
+            batches = torch_backend.step_batches(samples, cfg, first_step, steps, sample_weights,
+                                                 pin=torch.cuda.is_available())
+            for step, micro_batches in enumerate(batches, first_step):
+                micro = [rank_rows(tokens, weights, dp, compute_device()) for tokens, weights in micro_batches]
                 lr = torch_backend.learning_rate(cfg, step, steps)
                 loss, grad_norm = train_step(ddp, optimizer, micro, lr, cfg, seq_len)
                 done = step + 1
-                torch_backend.write_row(log_file, {"step": done, "loss": loss, "lr": lr,
-                                                   "tokens": done * cfg.samples_per_step * seq_len, "grad_norm": grad_norm})
+                row = {"step": done, "loss": loss, "lr": lr, "tokens": done * cfg.samples_per_step * seq_len,
+                       "grad_norm": grad_norm}
+                torch_backend.write_row(log_file, row)
                 bar.update()
                 bar.set_postfix(loss=f"{loss:.4f}")
-                if cfg.valid is not None and (done == steps or (cfg.eval_every and done % cfg.eval_every == 0)):
-                    torch_backend.write_row(log_file, {"step": done, "valid_loss": evaluate(ddp, cfg, seq_len, dp)})
+                if valid is not None and (done == steps or (cfg.eval_every and done % cfg.eval_every == 0)):
+                    valid_loss = evaluate(ddp, valid, cfg, seq_len, dp)
+                    torch_backend.write_row(log_file, {"step": done, "valid_loss": valid_loss})
+                if done == steps or (cfg.save_every and done % cfg.save_every == 0):
+                    save_model_checkpoint(ddp, gpt, cfg, meta, done)
+                    save_state(cfg, ddp, optimizer, done)
+                if on_step is not None:
+                    on_step(done, row)
             bar.close()
-        path = save_final_model(ddp, gpt, cfg, meta, steps)
     finally:
         from megatron.core import parallel_state
 
@@ -288,5 +413,5 @@ def train(cfg: TrainConfig, sample_weights=None) -> Path:
             torch.distributed.destroy_process_group()
     if is_logger:
         log.info("trained %d steps (megatron tp=%d pp=%d dp=%d); checkpoint %s", steps, cfg.parallel.tp,
-                 cfg.parallel.pp, dp, path)
-    return path
+                 cfg.parallel.pp, dp, out / "model")
+    return out / "model"

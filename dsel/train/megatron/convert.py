@@ -143,7 +143,8 @@ def load_shard(model: torch.nn.Module, shard: dict[str, torch.Tensor]) -> None:
     own = model.state_dict()
     for name, tensor in shard.items():
         if own[name].shape != tensor.shape:
-            raise DselError(f"megatron model: {name} has shape {tuple(tensor.shape)}, model expects {tuple(own[name].shape)}")
+            raise DselError(f"megatron model: {name} has shape {tuple(tensor.shape)}, "
+                            f"model expects {tuple(own[name].shape)}")
     model.load_state_dict(shard, strict=False)
 
 

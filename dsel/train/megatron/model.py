@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import socket
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,7 @@ def init_parallel(tp: int, pp: int) -> None:
 
     Without torchrun (no MASTER_ADDR) it starts a one-process group on a free local port.
     """
+    quiet_megatron_warnings()
     from megatron.core import parallel_state
 
     shim.activate()
@@ -56,6 +58,17 @@ def init_parallel(tp: int, pp: int) -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+
+
+def quiet_megatron_warnings() -> None:
+    """Drop megatron-core's import-time notices that TE/Apex are missing (one per module and rank).
+
+    Without them it uses its local layer spec and torch's optimizers, which is what this backend
+    expects on a machine without Transformer Engine.
+    """
+    for message in (r"Transformer Engine and Apex are not installed", r"Apex is not installed",
+                    r"full scope is deprecated"):
+        warnings.filterwarnings("ignore", message=message, category=UserWarning)
 
 
 def _free_port() -> int:
@@ -88,7 +101,8 @@ def seed_everything(seed: int) -> None:
 
 
 def transformer_config(config: GPTConfig, tp: int = 1, pp: int = 1, bf16: bool = False):
-    """The megatron TransformerConfig of a dsel GPTConfig (no dropout, no fusions that need CUDA)."""
+    """The megatron TransformerConfig of a dsel GPTConfig: no dropout, and only fusions that compute what the
+    dsel GPT computes (bias-dropout-add on GPUs)."""
     from megatron.core.transformer import TransformerConfig
 
     swiglu = config.activation == "swiglu"
@@ -103,7 +117,8 @@ def transformer_config(config: GPTConfig, tp: int = 1, pp: int = 1, bf16: bool =
         hidden_dropout=0.0, attention_dropout=0.0, init_method_std=config.init_std,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=False,
         params_dtype=dtype, pipeline_dtype=dtype, bf16=bf16,
-        use_cpu_initialization=not on_gpu, bias_activation_fusion=on_gpu and not swiglu and config.bias,
+        use_cpu_initialization=not on_gpu,
+        bias_activation_fusion=False,  # megatron's fused bias-gelu is the tanh approximation of gelu
         masked_softmax_fusion=False, bias_dropout_fusion=on_gpu, apply_rope_fusion=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False,
     )
@@ -115,7 +130,8 @@ def layer_spec(config: GPTConfig):
 
     if use_transformer_engine():
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm" if config.norm == "rmsnorm" else "LayerNorm")
+    normalization = "RMSNorm" if config.norm == "rmsnorm" else "LayerNorm"
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=normalization)
 
 
 def build_model(config: GPTConfig, tp: int = 1, pp: int = 1, bf16: bool = False):
