@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from dsel.config import from_dict, to_dict
+from dsel.config import from_dict, save_config, to_dict
 from dsel.errors import DselError
 from dsel.io import atomic_path, read_json, write_json
 from dsel.pipeline.config import BUNDLED, PipelineConfig
@@ -121,6 +121,7 @@ class Pipeline:
     def run(self) -> dict:
         """Every stage in order (finished ones skipped); returns the results table."""
         self.check()
+        save_config(self.cfg, self.runner.run_dir / "config.yaml")
         self.tokenize()
         meta = read_json(self.data / "pool.meta.json")
         vocab_size = 128 * math.ceil(meta["vocab_size"] / 128)
@@ -244,6 +245,7 @@ class Pipeline:
                                 device=self.cfg.device))
         if self.cfg.eval.lm_eval_tasks:
             run_lm_eval(LmEvalConfig(checkpoint=checkpoint, tasks=list(self.cfg.eval.lm_eval_tasks),
+                                     tokenizer=read_json(self.data / "pool.meta.json")["tokenizer"],
                                      builtin_tasks=self.cfg.eval.builtin_tasks, device=self.cfg.device,
                                      batch_size=self.cfg.eval.batch_size, out=str(out / "lm_eval.json")))
 
