@@ -18,7 +18,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
     pipeline = Pipeline(cfg)
     results = pipeline.run()
-    print(format_results(results))
+    if results["arms"]:
+        print(format_results(results))
     print(f"report: {pipeline.runner.path('report') / 'index.html'}")
     return results
 

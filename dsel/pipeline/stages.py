@@ -110,6 +110,7 @@ class Pipeline:
     def check(self) -> None:
         """Build every stage's config from its settings now, so typos fail before hours of work."""
         classes = stage_configs()
+        validation_inputs(self.cfg.data)
         for name, (kind, settings) in self.stage_settings(vocab_size=self.cfg.data.vocab_size).items():
             build(classes[kind], settings, name)
         if not self.cfg.methods:
@@ -136,6 +137,9 @@ class Pipeline:
         if "color" in self.cfg.methods:
             scores["color"] = self.color(settings, prior)
         self.select("random", settings, scores[self.cfg.methods[0]], after=[f"{self.cfg.methods[0]}/score"])
+        if self.cfg.until == "select":
+            self.report()
+            return {"target": self.cfg.data.target_valid, "arms": {}, "timings": self.runner.timings()}
         for arm in self.arms():
             self.train(f"pretrain/{arm}", merged(settings[f"pretrain/{arm}"][1], {
                 "data": [str(self.runner.path(f"{arm}/select") / "data" / "selected")],
