@@ -184,12 +184,19 @@ STYLE = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{bor
          "img{max-width:100%}")
 
 
+def selection_arms(run_dir: Path) -> list[str]:
+    """Arms with a selection or a pretraining run on disk (random last), for runs without results."""
+    found = {p.parent.parent.name for p in run_dir.glob("*/select/selection.json")}
+    found |= {p.name for p in (run_dir / "pretrain").glob("*") if p.is_dir()}
+    return sorted(found, key=lambda arm: (arm == "random", arm))
+
+
 def write_report(run_dir: str | Path, out: str | Path) -> Path:
     """Write out/index.html and its PNGs for the run in run_dir; returns the HTML path."""
     run_dir, out = Path(run_dir), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = read_json(run_dir / "results.json") if (run_dir / "results.json").is_file() else {}
-    arms = list(results.get("arms", {})) or sorted(p.name for p in (run_dir / "pretrain").glob("*") if p.is_dir())
+    arms = list(results.get("arms", {})) or selection_arms(run_dir)
     methods = [a for a in arms if a != "random"]
     target = results.get("target", "")
     figures = [("Scores and thresholds", plot_score_histograms(run_dir, methods, out)),

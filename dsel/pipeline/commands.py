@@ -14,13 +14,12 @@ from dsel.pipeline.config import PipelineConfig
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """Run every stage; print the results table (target loss per arm)."""
-    from dsel.config import save_config
     from dsel.pipeline.stages import Pipeline
 
     pipeline = Pipeline(cfg)
-    save_config(cfg, pipeline.runner.run_dir / "config.yaml")
     results = pipeline.run()
-    print(format_results(results))
+    if results["arms"]:
+        print(format_results(results))
     print(f"report: {pipeline.runner.path('report') / 'index.html'}")
     return results
 

@@ -72,6 +72,8 @@ class PipelineConfig:
 
     run_dir: str = option("runs/quickstart", "every stage writes run_dir/<stage>/ and is skipped once done")
     methods: list[Method] = option(["pds", "color"], "selection methods to run, each compared with random data")
+    until: Literal["select", "report"] = option("report", "select: stop once the selections are written (pretrain "
+                                                          "them at scale with `torchrun -m dsel train`)")
     budget: float = option(0.25, "share of the pool's tokens every selection (and the random baseline) keeps")
     seed: int = option(0, "seed of the proxy sample, the random baseline and every training run")
     device: str = option("auto", "cpu, cuda, cuda:N or auto (every stage)")

@@ -20,6 +20,7 @@ from dsel.io import read_json, write_json
 log = logging.getLogger(__name__)
 
 MARKER = "DONE.json"
+STARTED = "STARTED.json"
 
 
 def fingerprint(settings, inputs: Sequence[str]) -> str:
@@ -42,18 +43,19 @@ class StageRunner:
         """Run `body(out_dir)` unless stage `name` is done with the same settings and inputs."""
         out = self.path(name)
         stamp = fingerprint(settings, [self.fingerprints[a] for a in after])
-        marker = out / MARKER
-        if marker.is_file():
-            done = read_json(marker)
-            if done.get("fingerprint") == stamp:
-                log.info("stage %s: done (%.1f s), skipped", name, done.get("seconds", 0.0))
-                self.fingerprints[name] = stamp
-                return out
-            log.info("stage %s: settings or inputs changed since it ran; running it again", name)
+        marker, started = out / MARKER, out / STARTED
+        if marker.is_file() and read_json(marker).get("fingerprint") == stamp:
+            log.info("stage %s: done (%.1f s), skipped", name, read_json(marker).get("seconds", 0.0))
+            self.fingerprints[name] = stamp
+            return out
+        if marker.is_file() or (started.is_file() and read_json(started).get("fingerprint") != stamp):
+            log.info("stage %s: settings or inputs changed since it ran; running it again from scratch", name)
             shutil.rmtree(out)
+        elif started.is_file():
+            log.info("stage %s: resuming an unfinished run", name)
         log.info("stage %s: running", name)
         start = time.time()
-        out.mkdir(parents=True, exist_ok=True)
+        write_json(started, {"stage": name, "fingerprint": stamp})
         body(out)
         seconds = time.time() - start
         write_json(marker, {"stage": name, "fingerprint": stamp, "seconds": round(seconds, 2),

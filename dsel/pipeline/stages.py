@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from dsel.config import from_dict, to_dict
+from dsel.config import from_dict, save_config, to_dict
 from dsel.errors import DselError
 from dsel.io import atomic_path, read_json, write_json
 from dsel.pipeline.config import BUNDLED, PipelineConfig
@@ -110,6 +110,7 @@ class Pipeline:
     def check(self) -> None:
         """Build every stage's config from its settings now, so typos fail before hours of work."""
         classes = stage_configs()
+        validation_inputs(self.cfg.data)
         for name, (kind, settings) in self.stage_settings(vocab_size=self.cfg.data.vocab_size).items():
             build(classes[kind], settings, name)
         if not self.cfg.methods:
@@ -121,6 +122,7 @@ class Pipeline:
     def run(self) -> dict:
         """Every stage in order (finished ones skipped); returns the results table."""
         self.check()
+        save_config(self.cfg, self.runner.run_dir / "config.yaml")
         self.tokenize()
         meta = read_json(self.data / "pool.meta.json")
         vocab_size = 128 * math.ceil(meta["vocab_size"] / 128)
@@ -135,6 +137,9 @@ class Pipeline:
         if "color" in self.cfg.methods:
             scores["color"] = self.color(settings, prior)
         self.select("random", settings, scores[self.cfg.methods[0]], after=[f"{self.cfg.methods[0]}/score"])
+        if self.cfg.until == "select":
+            self.report()
+            return {"target": self.cfg.data.target_valid, "arms": {}, "timings": self.runner.timings()}
         for arm in self.arms():
             self.train(f"pretrain/{arm}", merged(settings[f"pretrain/{arm}"][1], {
                 "data": [str(self.runner.path(f"{arm}/select") / "data" / "selected")],
@@ -244,6 +249,7 @@ class Pipeline:
                                 device=self.cfg.device))
         if self.cfg.eval.lm_eval_tasks:
             run_lm_eval(LmEvalConfig(checkpoint=checkpoint, tasks=list(self.cfg.eval.lm_eval_tasks),
+                                     tokenizer=read_json(self.data / "pool.meta.json")["tokenizer"],
                                      builtin_tasks=self.cfg.eval.builtin_tasks, device=self.cfg.device,
                                      batch_size=self.cfg.eval.batch_size, out=str(out / "lm_eval.json")))
 

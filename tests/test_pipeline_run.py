@@ -1,0 +1,92 @@
+"""`dsel run` end to end on a very small corpus: every stage, the results, the report, resume and re-run rules."""
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dsel.cli import main
+from dsel.pipeline.runner import MARKER
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def small_corpus(directory: Path) -> Path:
+    """The bundled corpus generator at 6% scale (about 230 pool documents)."""
+    spec = importlib.util.spec_from_file_location("make_corpus", ROOT / "scripts" / "make_corpus.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.make_corpus(scale=0.06, out=directory, tasks=directory / "task")
+    return directory
+
+
+def small_config(tmp_path: Path) -> Path:
+    corpus = small_corpus(tmp_path / "corpus")
+    config = {
+        "run_dir": str(tmp_path / "run"), "methods": ["pds", "color"], "budget": 0.3, "device": "cpu",
+        "data": {"pool": str(corpus / "pool.jsonl.gz"), "target": str(corpus / "target.jsonl.gz"), "vocab_size": 512,
+                 "valid": {d: str(corpus / "valid" / f"{d}.jsonl.gz") for d in ("science", "legal", "sports")}},
+        "model": {"preset": "tiny", "model": {"seq_len": 32, "n_layer": 1, "d_model": 32, "n_head": 2}},
+        "prior": {"steps": 8, "batch_size": 8, "lr": 3e-3},
+        "pds": {"proxy_windows": 32, "target_windows": 8, "fit": {"fit": {"epochs": 1}},
+                "solve": {"solver": {"steps": 2, "outer_epochs": 1, "alpha": 5e-4, "lr": 0.5}}},
+        "color": {"finetune": {"batch_size": 8}},
+        "pretrain": {"steps": 6, "batch_size": 8, "lr": 3e-3, "eval_every": 3, "eval_batches": 2},
+        "eval": {"max_batches": 2},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def stage_times(run_dir: Path) -> dict[str, int]:
+    return {str(m.parent.relative_to(run_dir)): m.stat().st_mtime_ns for m in run_dir.rglob(MARKER)}
+
+
+def test_dsel_run_end_to_end_then_skips_and_reruns_only_what_changed(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSEL_PROGRESS", "0")
+    config = small_config(tmp_path)
+    run_dir = tmp_path / "run"
+    main(["run", "-c", str(config)])
+
+    stages = stage_times(run_dir)
+    assert set(stages) == {"tokenize", "prior", "pds/proxy", "pds/solve", "pds/fit", "pds/score", "pds/select",
+                           "color/finetune", "color/score", "color/select", "random/select",
+                           *(f"{s}/{arm}" for s in ("pretrain", "eval") for arm in ("pds", "color", "random"))}
+    results = json.loads((run_dir / "results.json").read_text())
+    assert set(results["arms"]) == {"pds", "color", "random"} and results["target"] == "science"
+    budgets = {arm: row["tokens_selected"] for arm, row in results["arms"].items()}
+    pool_tokens = json.loads((run_dir / "tokenize" / "pool.meta.json").read_text())["num_tokens"]
+    assert len(set(budgets.values())) == 1 and 0 < budgets["random"] <= 0.3 * pool_tokens
+    for row in results["arms"].values():
+        assert set(row["losses"]) == {"science", "legal", "sports"} and math.isfinite(row["target_loss"])
+        assert 0 <= row["lm_eval"]["dsel_science_facts"]["acc,none"] <= 1
+    domains = (run_dir / "tokenize" / "pool.domains.jsonl").read_text().split()
+    assert len(domains) == json.loads((run_dir / "tokenize" / "pool.meta.json").read_text())["num_documents"]
+    report = (run_dir / "report" / "index.html").read_text()
+    assert all(f"{name}.png" in report for name in ("score_histograms", "domain_shares", "loss_curves"))
+
+    main(["run", "-c", str(config)])  # everything done: nothing runs again
+    assert stage_times(run_dir) == stages
+
+    (run_dir / "pretrain" / "random" / MARKER).unlink()  # killed after training, before its marker
+    main(["run", "-c", str(config)])  # resumes that stage alone (its training state is complete)
+    again = stage_times(run_dir)
+    assert {s for s in stages if again[s] != stages[s]} == {"pretrain/random"}
+
+    (run_dir / "pretrain" / "random" / MARKER).unlink()  # killed again, then the pretraining length changes
+    main(["run", "-c", str(config), "pretrain.steps=8"])
+    final = stage_times(run_dir)
+    changed = {s for s in stages if final[s] != again[s]}
+    assert changed == {f"{s}/{arm}" for s in ("pretrain", "eval") for arm in ("pds", "color", "random")}
+    log = (run_dir / "pretrain" / "pds" / "log.jsonl").read_text().splitlines()
+    assert max(json.loads(r)["step"] for r in log) == 8
+
+
+def test_a_typo_in_any_stage_section_fails_before_anything_runs(tmp_path, capsys):
+    config = small_config(tmp_path)
+    with pytest.raises(SystemExit):
+        main(["run", "-c", str(config), "color.finetune.learning_rate=0.1"])
+    assert "color/finetune" in capsys.readouterr().err and not (tmp_path / "run").exists()
