@@ -65,6 +65,8 @@ def test_dsel_run_end_to_end_then_skips_and_reruns_only_what_changed(tmp_path, m
         assert 0 <= row["lm_eval"]["dsel_science_facts"]["acc,none"] <= 1
     domains = (run_dir / "tokenize" / "pool.domains.jsonl").read_text().split()
     assert len(domains) == json.loads((run_dir / "tokenize" / "pool.meta.json").read_text())["num_documents"]
+    tokenizer = json.loads((run_dir / "tokenize" / "pool.meta.json").read_text())["tokenizer"]
+    assert json.loads((run_dir / "pretrain" / "pds" / "model" / "meta.json").read_text())["tokenizer"] == tokenizer
     report = (run_dir / "report" / "index.html").read_text()
     assert all(f"{name}.png" in report for name in ("score_histograms", "domain_shares", "loss_curves"))
 
