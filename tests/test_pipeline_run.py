@@ -92,3 +92,14 @@ def test_a_typo_in_any_stage_section_fails_before_anything_runs(tmp_path, capsys
     with pytest.raises(SystemExit):
         main(["run", "-c", str(config), "color.finetune.learning_rate=0.1"])
     assert "color/finetune" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_results_table_shows_the_change_against_random():
+    from dsel.pipeline.commands import format_results
+
+    results = {"target": "science", "arms": {
+        "color": {"target_loss": 0.75, "mean_loss": 1.0, "lm_eval": {"t": {"acc,none": 0.5}}},
+        "random": {"target_loss": 1.0, "mean_loss": 0.9}}}
+    color, random = format_results(results).splitlines()[1:]
+    assert color.split() == ["color", "0.7500", "-25.0%", "1.0000", "0.500"]
+    assert random.split() == ["random", "1.0000", "-", "0.9000", "-"]
