@@ -104,7 +104,7 @@ def print_row(V, d, N, results, r):
     for name, modes in results.items():
         cells = " ".join(f"{mode}={t * 1e3:8.2f}ms/{mib(m):>8}MiB" for mode, (t, m) in modes.items())
         print(f"V={V:<7} d={d:<5} N={N:<6} {name:<6} {cells}")
-    print(f"  ratios: " + " ".join(f"{k}={'n/a' if v is None else f'{v:.2f}'}" for k, v in r.items()))
+    print("  ratios: " + " ".join(f"{k}={'n/a' if v is None else f'{v:.2f}'}" for k, v in r.items()))
 
 
 def main(argv=None):

@@ -25,7 +25,8 @@ import torch.nn.functional as F  # noqa: E402
 
 import kernels  # noqa: E402
 from dsel.benchmarking import measure  # noqa: E402
-from dsel.color.scorer import ColorScorer, autocast_for  # noqa: E402
+from dsel.color.scorer import ColorScorer  # noqa: E402
+from dsel.device import autocast_for  # noqa: E402
 from dsel.io import write_json  # noqa: E402
 from dsel.models.config import preset  # noqa: E402
 from dsel.models.gpt import GPT  # noqa: E402

@@ -96,7 +96,7 @@ def test_finetune_needs_a_tokenizer_for_text(setup):
 def tiny_train_settings(setup, steps):
     vocab = read_meta(setup / "corpus")["vocab_size"]
     model = {"vocab_size": vocab, "seq_len": 32, "n_layer": 1, "n_head": 2, "d_model": 32}
-    return [f"train.preset=tiny", f"train.steps={steps}", "train.batch_size=4", "train.lr=3e-3", "train.device=cpu"] + [
+    return ["train.preset=tiny", f"train.steps={steps}", "train.batch_size=4", "train.lr=3e-3", "train.device=cpu"] + [
         f"train.model.{k}={v}" for k, v in model.items()]
 
 

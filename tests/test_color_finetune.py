@@ -9,7 +9,8 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():  # must precede the first Triton call
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from dsel.color.finetune import finetune_model, lr_at, masked_mean_loss  # noqa: E402
+from dsel.color.finetune import finetune_model, masked_mean_loss  # noqa: E402
+from dsel.train.schedule import lr_at  # noqa: E402
 from dsel.color.target import epoch_batches, padded_batch, split_documents  # noqa: E402
 from _color_util import kernel_backend, tiny_gpt  # noqa: E402,F401
 

@@ -69,18 +69,6 @@ class ColorFinetuneConfig:
     precision: Precision = option("auto", "auto = bf16 autocast on GPU, fp32 on CPU")
 
 
-def resolve_device(name: str):
-    """A torch.device; "auto" picks the GPU when there is one."""
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise DselError(f"device must be cpu, cuda, cuda:N or auto, got {name!r}") from None
-
-
 def check_data_matches(prefix: str, models) -> None:
     """Refuse data tokenized with another tokenizer than the models (`ScoredModel`s; from the meta sidecar)."""
     from dsel.data.meta import read_meta
@@ -189,6 +177,7 @@ def run_finetune(cfg: ColorFinetuneConfig):
     from dsel.color.finetune import finetune_model
     from dsel.color.scorer import ScoredModel
     from dsel.color.target import epoch_batches
+    from dsel.device import resolve_device
     from dsel.models.checkpoint import load_model, save_model
 
     device = resolve_device(cfg.device)

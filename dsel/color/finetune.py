@@ -8,13 +8,13 @@ is predicted from another one.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Iterable
 
 import torch
 
 from dsel.color.scorer import next_token_losses
 from dsel.io import progress
+from dsel.train.schedule import lr_at
 
 log = logging.getLogger(__name__)
 
@@ -24,14 +24,6 @@ def masked_mean_loss(model: torch.nn.Module, tokens: torch.Tensor, loss_mask: to
     """Mean next-token loss over the unmasked targets of a padded batch (tokens [B, L], mask [B, L-1])."""
     losses = next_token_losses(model, tokens, loss_mask, precision)
     return losses.sum() / loss_mask.sum().clamp(min=1)
-
-
-def lr_at(step: int, total: int, lr: float, warmup: int, min_ratio: float) -> float:
-    """Linear warmup for `warmup` steps, then cosine decay to `min_ratio * lr` at the last step (total - 1)."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress_frac = (step - warmup) / max(1, total - 1 - warmup)
-    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress_frac)))
 
 
 def finetune_model(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], total_steps: int,

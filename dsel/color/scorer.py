@@ -21,6 +21,7 @@ import torch
 from dsel.color.target import length_mask, padded_batch
 from dsel.color.config import ColorScorerConfig
 from dsel.config import from_dict
+from dsel.device import autocast_for
 from dsel.errors import DselError
 
 
@@ -40,17 +41,6 @@ class ScoredModel:
     @property
     def context(self) -> int:
         return self.model.config.seq_len
-
-
-def autocast_for(device: torch.device, precision: str):
-    """bf16 autocast on GPU (the default), or on CPU when asked; fp32 otherwise."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    if precision == "fp32":
-        return torch.autocast(device_type=device.type, enabled=False)
-    raise DselError(f"precision must be auto, bf16 or fp32, got {precision!r}")
 
 
 def next_token_losses(model: torch.nn.Module, tokens: torch.Tensor, loss_mask: torch.Tensor | None = None,

@@ -45,20 +45,10 @@ class LmEvalConfig:
     out: str = option("", "JSON file of the results; '' = <checkpoint>/lm_eval.json")
 
 
-def resolve_device(name: str) -> str:
-    """'auto' -> cuda when a GPU is present, else cpu."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DselError(f"device={name} but no GPU is available")
-    return name
-
-
 def run_loss(cfg: EvalLossConfig) -> dict:
     """Held-out loss of the checkpoint on every validation set; written as JSON."""
     from dsel.eval.heldout import heldout_losses
+    from dsel.device import resolve_device
     from dsel.models.checkpoint import load_model
 
     device = resolve_device(cfg.device)
@@ -80,6 +70,7 @@ def run_lm_eval(cfg: LmEvalConfig) -> dict:
     from lm_eval.tasks import TaskManager
 
     from dsel.eval.lm_eval import TASKS_DIR
+    from dsel.device import resolve_device
     from dsel.eval.lm_model import DselLM
 
     model = DselLM(cfg.checkpoint, tokenizer=cfg.tokenizer or None, device=resolve_device(cfg.device),

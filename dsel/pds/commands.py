@@ -21,7 +21,7 @@ import numpy as np
 
 from dsel.cli import Command
 from dsel.config import option, to_dict
-from dsel.errors import DselError, file_error
+from dsel.errors import file_error
 from dsel.io import atomic_path, read_json, write_json
 from dsel.pds.fit import FitConfig
 from dsel.pds.solver import SolverConfig
@@ -75,9 +75,10 @@ def run_solve(cfg: SolveConfig) -> Path:
     import torch
 
     from dsel.models.checkpoint import load_model
+    from dsel.device import resolve_device
     from dsel.pds.solver import PMPSolver
 
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     model, meta = load_model(cfg.model, device)
     if not hasattr(model, "head_weight"):
         raise file_error(cfg.model, f"holds a '{model.arch}' model; the PMP solver needs a GPT proxy LM")
@@ -153,13 +154,14 @@ def _fingerprint(cfg: SolveConfig, num_proxy: int, num_target: int, window: int)
 # ----- fit-scorer ----------------------------------------------------------------------------------
 def run_fit_scorer(cfg: FitScorerConfig) -> dict:
     """Fit the scorer on the solve's gamma; save it with its validation correlations."""
+    from dsel.device import resolve_device
     from dsel.models.checkpoint import load_model, save_model
     from dsel.models.scorer import Scorer
     from dsel.pds.fit import fit_scorer
 
     info = read_json(Path(cfg.gamma) / "gamma.json")
     gamma = read_gamma(Path(cfg.gamma) / "gamma.npy", info["num_windows"])
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     init = cfg.init or info["model"]
     gpt, meta = load_model(init, device)
     proxy = cfg.proxy or info["proxy"]
@@ -223,16 +225,6 @@ def run_score(cfg: ScoreConfig) -> Path:
 def _write_npy(path: Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
-
-
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DselError(f"device={name} but no GPU is available")
-    return torch.device(name)
 
 
 COMMANDS = [

@@ -26,10 +26,9 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from dsel.color.commands import resolve_device
-from dsel.color.finetune import lr_at
-from dsel.color.scorer import autocast_for
 from dsel.config import save_config, to_dict
+from dsel.device import autocast_for, resolve_device
+from dsel.train.schedule import lr_at
 from dsel.data.indexed import IndexedDataset
 from dsel.data.loader import GPTSampleLoader, WindowStream, prefetched
 from dsel.data.meta import meta_path, read_meta

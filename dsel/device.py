@@ -1,0 +1,30 @@
+"""Which device a stage runs on and in which precision: one rule for every command."""
+from __future__ import annotations
+
+import torch
+
+from dsel.errors import DselError
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> the GPU when there is one, else the CPU; a GPU asked for on a machine without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DselError(f"device must be cpu, cuda, cuda:N or auto, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DselError(f"device={name} but no GPU is available")
+    return device
+
+
+def autocast_for(device: torch.device, precision: str):
+    """bf16 autocast on GPU (the default), or on CPU when asked; fp32 otherwise."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if precision == "fp32":
+        return torch.autocast(device_type=device.type, enabled=False)
+    raise DselError(f"precision must be auto, bf16 or fp32, got {precision!r}")
