@@ -103,3 +103,15 @@ def test_results_table_shows_the_change_against_random():
     color, random = format_results(results).splitlines()[1:]
     assert color.split() == ["color", "0.7500", "-25.0%", "1.0000", "0.500"]
     assert random.split() == ["random", "1.0000", "-", "0.9000", "-"]
+
+
+def test_until_select_stops_after_the_selections_and_still_reports(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSEL_PROGRESS", "0")
+    config = small_config(tmp_path)
+    main(["run", "-c", str(config), "methods=[color]", "until=select"])
+    run_dir = tmp_path / "run"
+    assert set(stage_times(run_dir)) == {"tokenize", "prior", "color/finetune", "color/score", "color/select",
+                                         "random/select"}
+    assert (run_dir / "color" / "select" / "data" / "selected.bin").is_file()
+    report = (run_dir / "report" / "index.html").read_text()
+    assert "score_histograms.png" in report and "domain_shares.png" in report and "loss_curves.png" not in report
