@@ -25,14 +25,14 @@ from dsel.io import progress
 log = logging.getLogger(__name__)
 
 
-def pick_device(device: str) -> str:
-    """The device to run on: lm-eval's command line asks for cuda by default, so fall back to the CPU."""
+def pick_device(device: str) -> torch.device:
+    """dsel's device rule, except that lm-eval's command line asks for cuda by default: fall back to the CPU."""
+    from dsel.device import resolve_device
+
     if device.startswith("cuda") and not torch.cuda.is_available():
         log.warning("device=%s requested but no GPU is available: evaluating on the CPU", device)
-        return "cpu"
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+        device = "cpu"
+    return resolve_device(device)
 
 
 @register_model("dsel")
@@ -57,7 +57,7 @@ class DselLM(TemplateLM):
         if self.sp.vocab_size > model.config.vocab_size:
             raise DselError(f"{tokenizer}: {self.sp.vocab_size} pieces do not fit the model's vocabulary of "
                             f"{model.config.vocab_size}")
-        self._device = torch.device(device)
+        self._device = device
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16  # lm-eval may pass "auto"
         self.max_gen_toks = int(max_gen_toks)
         self.max_length = model.config.seq_len
