@@ -133,3 +133,10 @@ def test_dsel_eval_lm_eval_command_writes_the_task_metrics(checkpoint, tmp_path)
     result = json.loads(out.read_text())
     assert 0.0 <= result["results"]["dsel_science_facts"]["acc,none"] <= 1.0
     assert result["n_samples"]["dsel_science_facts"]["effective"] == 4
+
+
+def test_lm_eval_cli_default_cuda_falls_back_to_cpu_without_a_gpu():
+    from dsel.eval.lm_model import pick_device
+
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert pick_device("cuda").type == want and pick_device("auto").type == want and str(pick_device("cpu")) == "cpu"

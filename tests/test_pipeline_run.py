@@ -65,6 +65,8 @@ def test_dsel_run_end_to_end_then_skips_and_reruns_only_what_changed(tmp_path, m
         assert 0 <= row["lm_eval"]["dsel_science_facts"]["acc,none"] <= 1
     domains = (run_dir / "tokenize" / "pool.domains.jsonl").read_text().split()
     assert len(domains) == json.loads((run_dir / "tokenize" / "pool.meta.json").read_text())["num_documents"]
+    tokenizer = json.loads((run_dir / "tokenize" / "pool.meta.json").read_text())["tokenizer"]
+    assert json.loads((run_dir / "pretrain" / "pds" / "model" / "meta.json").read_text())["tokenizer"] == tokenizer
     report = (run_dir / "report" / "index.html").read_text()
     assert all(f"{name}.png" in report for name in ("score_histograms", "domain_shares", "loss_curves"))
 
@@ -90,3 +92,26 @@ def test_a_typo_in_any_stage_section_fails_before_anything_runs(tmp_path, capsys
     with pytest.raises(SystemExit):
         main(["run", "-c", str(config), "color.finetune.learning_rate=0.1"])
     assert "color/finetune" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_results_table_shows_the_change_against_random():
+    from dsel.pipeline.commands import format_results
+
+    results = {"target": "science", "arms": {
+        "color": {"target_loss": 0.75, "mean_loss": 1.0, "lm_eval": {"t": {"acc,none": 0.5}}},
+        "random": {"target_loss": 1.0, "mean_loss": 0.9}}}
+    color, random = format_results(results).splitlines()[1:]
+    assert color.split() == ["color", "0.7500", "-25.0%", "1.0000", "0.500"]
+    assert random.split() == ["random", "1.0000", "-", "0.9000", "-"]
+
+
+def test_until_select_stops_after_the_selections_and_still_reports(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSEL_PROGRESS", "0")
+    config = small_config(tmp_path)
+    main(["run", "-c", str(config), "methods=[color]", "until=select"])
+    run_dir = tmp_path / "run"
+    assert set(stage_times(run_dir)) == {"tokenize", "prior", "color/finetune", "color/score", "color/select",
+                                         "random/select"}
+    assert (run_dir / "color" / "select" / "data" / "selected.bin").is_file()
+    report = (run_dir / "report" / "index.html").read_text()
+    assert "score_histograms.png" in report and "domain_shares.png" in report and "loss_curves.png" not in report

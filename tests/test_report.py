@@ -49,6 +49,7 @@ def test_report_renders_every_section_with_its_numbers(tmp_path):
     assert "<b>2.1250</b>" in text  # the best target loss is highlighted
     assert "2.7500" in text and "dsel_science_facts acc,none" in text and "0.271" in text
     assert "<b>31.5</b>" in text  # total of the stage timings
+    assert "color 2.1250 (-22.7%)" in text and "pds 2.2500 (-18.2%)" in text
 
 
 def test_domain_shares_come_from_the_selections(tmp_path):

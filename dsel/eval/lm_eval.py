@@ -1,10 +1,12 @@
 """lm-eval's own command line with dsel's model and tasks registered.
 
-lm-eval 0.4 finds models only in its registry and has no plugin entry points, so the stock
-`lm_eval` command cannot see `--model dsel`. This wrapper imports the registration first and adds
-dsel's bundled tasks (dsel/eval/tasks) to `--include_path` when none is given:
+lm-eval 0.4 finds models only in its registry (lm_eval.models.MODEL_MAPPING plus whatever was
+imported and decorated with @register_model); it reads no entry points, so the stock `lm_eval`
+command cannot see `--model dsel` without editing lm-eval. This wrapper (also installed as the
+`dsel-lm-eval` command) imports the registration first and adds dsel's bundled tasks
+(dsel/eval/tasks) to `--include_path` when none is given:
 
-    python -m dsel.eval.lm_eval --model dsel --model_args checkpoint=runs/quickstart/pretrain/selected/model \\
+    python -m dsel.eval.lm_eval --model dsel --model_args checkpoint=runs/quickstart/pretrain/color/model \\
         --tasks dsel_science_facts --output_path results/
 """
 from __future__ import annotations

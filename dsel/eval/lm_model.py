@@ -11,6 +11,8 @@ length keep their last tokens.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
@@ -19,6 +21,18 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from dsel.errors import DselError
 from dsel.io import progress
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(device: str) -> torch.device:
+    """dsel's device rule, except that lm-eval's command line asks for cuda by default: fall back to the CPU."""
+    from dsel.device import resolve_device
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        log.warning("device=%s requested but no GPU is available: evaluating on the CPU", device)
+        device = "cpu"
+    return resolve_device(device)
 
 
 @register_model("dsel")
@@ -31,6 +45,7 @@ class DselLM(TemplateLM):
         from dsel.data.tokenize import load_tokenizer
         from dsel.models.checkpoint import load_model
 
+        device = pick_device(str(device))
         model, meta = load_model(checkpoint, device)
         if not hasattr(model, "head_weight") or model.arch != "gpt":
             raise DselError(f"{checkpoint}: holds a '{model.arch}' model; lm-eval needs a GPT language model")
@@ -42,8 +57,8 @@ class DselLM(TemplateLM):
         if self.sp.vocab_size > model.config.vocab_size:
             raise DselError(f"{tokenizer}: {self.sp.vocab_size} pieces do not fit the model's vocabulary of "
                             f"{model.config.vocab_size}")
-        self._device = torch.device(device)
-        self.batch_size = 16 if batch_size == "auto" else int(batch_size)
+        self._device = device
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16  # lm-eval may pass "auto"
         self.max_gen_toks = int(max_gen_toks)
         self.max_length = model.config.seq_len
 

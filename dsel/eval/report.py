@@ -170,6 +170,18 @@ def results_table(results: dict) -> str:
     return f"<table>{header}{''.join(rows)}</table>"
 
 
+def headline(results: dict) -> str:
+    """One sentence: each method's target loss against random data of the same token budget."""
+    arms = results.get("arms", {})
+    if "random" not in arms or len(arms) < 2:
+        return ""
+    base = arms["random"]["target_loss"]
+    parts = [f"{html.escape(arm)} {row['target_loss']:.4f} ({100 * (row['target_loss'] / base - 1):+.1f}%)"
+             for arm, row in arms.items() if arm != "random"]
+    return (f"<p>Held-out loss on the target ({html.escape(results.get('target', ''))}) after pretraining on each "
+            f"selection: {', '.join(parts)}; random data of the same token budget: {base:.4f}.</p>")
+
+
 def timings_table(timings: dict) -> str:
     """HTML table of seconds per stage and the total."""
     if not timings:
@@ -202,7 +214,7 @@ def write_report(run_dir: str | Path, out: str | Path) -> Path:
     figures = [("Scores and thresholds", plot_score_histograms(run_dir, methods, out)),
                ("Selected share per domain", plot_domain_shares(run_dir, arms, out)),
                ("Loss curves: selected vs random", plot_loss_curves(run_dir, arms, target, out))]
-    sections = [f"<h2>Results</h2>{results_table(results)}"]
+    sections = [f"<h2>Results</h2>{headline(results)}{results_table(results)}"]
     sections += [f"<h2>{title}</h2><img src='{name}' alt='{title}'>" for title, name in figures if name]
     if results.get("timings"):
         sections.append(f"<h2>Stage timings</h2>{timings_table(results['timings'])}")

@@ -25,12 +25,16 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
 
 def format_results(results: dict) -> str:
-    """A plain-text table: one row per arm with target loss, mean held-out loss and lm-eval accuracy."""
-    lines = [f"{'arm':<10} {'target loss (' + results['target'] + ')':>24} {'mean held-out loss':>20} {'lm-eval acc':>12}"]
-    for arm, row in results["arms"].items():
+    """A plain-text table: per arm the target loss (and its change against random), mean held-out loss, lm-eval acc."""
+    arms = results["arms"]
+    random_loss = arms.get("random", {}).get("target_loss")
+    lines = [f"{'arm':<10} {'target loss (' + results['target'] + ')':>24} {'vs random':>10} "
+             f"{'mean held-out loss':>20} {'lm-eval acc':>12}"]
+    for arm, row in arms.items():
         accs = [m["acc,none"] for m in row.get("lm_eval", {}).values() if "acc,none" in m]
         acc = f"{sum(accs) / len(accs):.3f}" if accs else "-"
-        lines.append(f"{arm:<10} {row['target_loss']:>24.4f} {row['mean_loss']:>20.4f} {acc:>12}")
+        change = f"{100 * (row['target_loss'] / random_loss - 1):+.1f}%" if random_loss and arm != "random" else "-"
+        lines.append(f"{arm:<10} {row['target_loss']:>24.4f} {change:>10} {row['mean_loss']:>20.4f} {acc:>12}")
     return "\n".join(lines)
 
 

@@ -231,8 +231,12 @@ class Pipeline:
 
         name = f"{arm}/select"
         select_settings = merged(settings[name][1], {"scores": str(scores), "out": str(self.runner.path(name))})
-        return self.runner.run(name, select_settings, after,
-                               lambda _: run_select(build(SelectConfig, select_settings, name)))
+
+        def body(out: Path) -> None:
+            run_select(build(SelectConfig, select_settings, name))
+            write_selected_meta(out / "data" / "selected", self.data / "pool")
+
+        return self.runner.run(name, select_settings, after, body)
 
     def evaluate(self, arm: str) -> Path:
         """Held-out loss per validation set and lm-eval tasks of one pretrained model."""
@@ -249,7 +253,6 @@ class Pipeline:
                                 device=self.cfg.device))
         if self.cfg.eval.lm_eval_tasks:
             run_lm_eval(LmEvalConfig(checkpoint=checkpoint, tasks=list(self.cfg.eval.lm_eval_tasks),
-                                     tokenizer=read_json(self.data / "pool.meta.json")["tokenizer"],
                                      builtin_tasks=self.cfg.eval.builtin_tasks, device=self.cfg.device,
                                      batch_size=self.cfg.eval.batch_size, out=str(out / "lm_eval.json")))
 
@@ -293,6 +296,18 @@ def validation_inputs(data) -> dict[str, str]:
         raise DselError(f"run config: data.target_valid={data.target_valid!r} is not one of data.valid "
                         f"({', '.join(sets)})")
     return sets
+
+
+def write_selected_meta(selected: Path, pool: Path) -> None:
+    """`<selected>.meta.json` from the pool's (tokenizer, vocabulary), so the models trained on it record them."""
+    from dsel.data.indexed import IndexedDataset
+    from dsel.data.meta import meta_path, read_meta, write_meta
+
+    if Path(meta_path(selected)).is_file():
+        return
+    dataset = IndexedDataset(str(selected))
+    write_meta(selected, {**read_meta(pool), "num_documents": dataset.num_documents, "num_tokens": dataset.num_tokens,
+                          "selected_from": str(pool)})
 
 
 def write_domains(prefix: Path, source: str, data) -> None:
