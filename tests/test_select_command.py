@@ -76,6 +76,20 @@ def test_select_writes_indices_json_histogram_and_data(corpus, tmp_path):
     np.testing.assert_array_equal(merged.stream.reshape(-1, WINDOW), windows.batch(expected, dtype=np.uint16))
 
 
+def test_selected_data_carries_the_corpus_tokenizer_meta(corpus, tmp_path):
+    from dsel.data.meta import read_meta, write_meta
+
+    prefix, scores, _, _ = corpus
+    write_meta(prefix, {"vocab_size": 5000, "tokenizer": "t.model", "tokenizer_sha256": "abc", "dtype": "uint16",
+                        "eod_id": 0, "num_documents": 120, "num_tokens": 1})
+    run(scores=str(scores), corpus=str(prefix), out=str(tmp_path / "out"), method="topk", fraction=0.5,
+        column="color")
+    meta = read_meta(tmp_path / "out" / "data" / "selected")
+    selected = IndexedDataset(tmp_path / "out" / "data" / "selected")
+    assert meta["tokenizer_sha256"] == "abc" and meta["vocab_size"] == 5000
+    assert meta["num_tokens"] == selected.num_tokens and meta["selected_from"] == str(prefix)
+
+
 def test_fewer_shards_on_rerun_remove_stale_parts(corpus, tmp_path):
     prefix, scores, _, _ = corpus
     run(scores=str(scores), corpus=str(prefix), out=str(tmp_path / "o"), method="topk", column="-loss_cond", shards=5)

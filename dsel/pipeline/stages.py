@@ -15,7 +15,6 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -234,7 +233,6 @@ class Pipeline:
 
         def body(out: Path) -> None:
             run_select(build(SelectConfig, select_settings, name))
-            write_selected_meta(out / "data" / "selected", self.data / "pool")
 
         return self.runner.run(name, select_settings, after, body)
 
@@ -296,18 +294,6 @@ def validation_inputs(data) -> dict[str, str]:
         raise DselError(f"run config: data.target_valid={data.target_valid!r} is not one of data.valid "
                         f"({', '.join(sets)})")
     return sets
-
-
-def write_selected_meta(selected: Path, pool: Path) -> None:
-    """`<selected>.meta.json` from the pool's (tokenizer, vocabulary), so the models trained on it record them."""
-    from dsel.data.indexed import IndexedDataset
-    from dsel.data.meta import meta_path, read_meta, write_meta
-
-    if Path(meta_path(selected)).is_file():
-        return
-    dataset = IndexedDataset(str(selected))
-    write_meta(selected, {**read_meta(pool), "num_documents": dataset.num_documents, "num_tokens": dataset.num_tokens,
-                          "selected_from": str(pool)})
 
 
 def write_domains(prefix: Path, source: str, data) -> None:
