@@ -54,7 +54,7 @@ def test_score_scaling_benchmark(tmp_path, capsys):
 
 
 def test_select_benchmark(tmp_path, capsys):
-    bench = load_benchmark("select")
+    bench = load_benchmark("selection")
     out = tmp_path / "bench.json"
     bench.main(["--rows", "20000", "--row-group", "3000", "--chunk-rows", "4096", "--dir", str(tmp_path), "--out", str(out)])
     rows = read_json(out)["rows"]

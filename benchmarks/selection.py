@@ -7,8 +7,8 @@ times, for each case (top 40%, Gumbel-top 40%, a token budget):
 and the peak extra resident memory of each (VmHWM after resetting it). Prints a table, writes JSON,
 reports streamed / in-memory time and memory ratios.
 
-  python benchmarks/select.py                       # 100M scores, row groups of 1M
-  python benchmarks/select.py --rows 1000000 --row-group 65536 --out select_small.json
+  python benchmarks/selection.py                       # 100M scores, row groups of 1M
+  python benchmarks/selection.py --rows 1000000 --row-group 65536 --out select_small.json
 """
 import os
 import sys
