@@ -269,17 +269,20 @@ def restore_rng(state: dict) -> None:
 def load_state(cfg: TrainConfig) -> dict | None:
     """The resume state of `cfg.out`, checked to come from the same run settings; None if there is none."""
     path = state_path(cfg)
-    if not path.is_file():
-        return None
+    return read_state_file(path, cfg, path.parent) if path.is_file() else None
+
+
+def read_state_file(path: Path, cfg: TrainConfig, state_folder: Path) -> dict:
+    """A saved training state, refused when it is unreadable or was saved by a run with other settings."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a corrupt file
+    except Exception as e:  # torch raises many types for a missing or corrupt file
         raise file_error(path, f"cannot be read as a training state ({type(e).__name__})") from None
     old, new = state["config"], to_dict(cfg)
     for key in sorted(set(old) | set(new)):
         if key not in RESUMABLE_CHANGES and old.get(key) != new.get(key):
             raise file_error(path, f"belongs to a run with {key}={old.get(key)!r}, not {new.get(key)!r}; "
-                                   f"use another out directory or delete {path.parent}")
+                                   f"use another out directory or delete {state_folder}")
     return state
 
 

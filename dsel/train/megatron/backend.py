@@ -305,7 +305,7 @@ def save_state(cfg: TrainConfig, ddp, optimizer, step: int) -> None:
 
 def load_state(cfg: TrainConfig) -> dict | None:
     """This rank's saved state of the run in cfg.out (checked to be the same run and layout), or None."""
-    from dsel.train.torch_backend import RESUMABLE_CHANGES
+    from dsel.train.torch_backend import read_state_file
 
     latest = state_dir(cfg) / "latest.json"
     if not latest.is_file():
@@ -315,16 +315,7 @@ def load_state(cfg: TrainConfig) -> dict | None:
         raise file_error(latest, f"belongs to a run on {saved['world']} processes, not {world_size()}; "
                                  f"use another out directory or delete {state_dir(cfg)}")
     path = state_dir(cfg) / f"step-{saved['step']}" / f"rank-{torch.distributed.get_rank()}.pt"
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a missing or corrupt file
-        raise file_error(path, f"cannot be read as a training state ({type(e).__name__})") from None
-    old, new = state["config"], to_dict(cfg)
-    for key in sorted(set(old) | set(new)):
-        if key not in RESUMABLE_CHANGES and old.get(key) != new.get(key):
-            raise file_error(path, f"belongs to a run with {key}={old.get(key)!r}, not {new.get(key)!r}; "
-                                   f"use another out directory or delete {state_dir(cfg)}")
-    return state
+    return read_state_file(path, cfg, state_dir(cfg))
 
 
 def restore(ddp, optimizer, state: dict) -> int:
