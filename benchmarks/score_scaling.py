@@ -70,7 +70,7 @@ def run(ranks: int, args, prefix: Path, out: Path, device: str) -> dict:
     settings = [f"settings.vocab_size={args.vocab}", f"settings.d_model={args.d_model}",
                 f"settings.layers={args.layers}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "-m", "dsel",
-           "score", f"data={prefix}", f"window={args.window}", "scorer=benchmarks.score_scaling:build_model_scorer",
+           "score", f"corpus={prefix}", f"window={args.window}", "scorer=benchmarks.score_scaling:build_model_scorer",
            *settings, f"out={out}", f"batch_size={args.batch_size}", f"shard_size={args.shard_size}",
            f"device={device}"]
     env = {**os.environ, "DSEL_PROGRESS": "0", "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}

@@ -57,7 +57,7 @@ def test_fit_scorer_then_score_the_corpus(setup, tmp_path, capsys):
     main(["pds", "fit-scorer", f"gamma={tmp_path}/pds", f"out={tmp_path}/scorer", "device=cpu", "fit.epochs=2",
           "fit.val_fraction=0.25"])
     assert "validation pearson" in capsys.readouterr().out
-    main(["pds", "score", f"data={setup}/corpus", f"model={tmp_path}/scorer", f"out={tmp_path}/scores",
+    main(["pds", "score", f"corpus={setup}/corpus", f"model={tmp_path}/scorer", f"out={tmp_path}/scores",
           "device=cpu", "batch_size=3"])
     table = pq.read_table(tmp_path / "scores" / "scores.parquet").to_pydict()
     scorer, _ = load_model(tmp_path / "scorer")

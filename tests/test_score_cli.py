@@ -35,15 +35,15 @@ def test_registry_builds_registered_and_module_scorers(monkeypatch):
 
 def test_default_subcommand_only_for_the_score_group():
     commands = all_commands()
-    assert with_default_subcommand(["score", "data=x"], commands) == ["score", "run", "data=x"]
+    assert with_default_subcommand(["score", "corpus=x"], commands) == ["score", "run", "corpus=x"]
     assert with_default_subcommand(["--log-level", "DEBUG", "score"], commands)[-1] == "run"
     assert with_default_subcommand(["score", "merge", "out=x"], commands) == ["score", "merge", "out=x"]
-    assert with_default_subcommand(["pds", "score", "data=x"], commands) == ["pds", "score", "data=x"]
+    assert with_default_subcommand(["pds", "score", "corpus=x"], commands) == ["pds", "score", "corpus=x"]
 
 
 def test_dsel_score_and_merge_commands(tmp_path, capsys):
     make_corpus(tmp_path / "corpus")
-    args = [f"data={tmp_path / 'corpus'}", "window=6", f"scorer={FAKE}", f"out={tmp_path / 'out'}", "shard_size=9",
+    args = [f"corpus={tmp_path / 'corpus'}", "window=6", f"scorer={FAKE}", f"out={tmp_path / 'out'}", "shard_size=9",
             "batch_size=4", "device=cpu"]
     main(["score", *args])
     first = pq.read_table(tmp_path / "out" / "scores.parquet")
@@ -68,7 +68,7 @@ def test_torchrun_two_ranks_equal_one_rank(tmp_path):
     make_corpus(prefix, num_docs=60)
     single = score_windows(open_corpus(prefix, 5), FakeScorer(), tmp_path / "one", batch_size=4, shard_size=7)
     launches = {  # the command (creates the process group) and the library API (joins torchrun's)
-        "cli": ["-m", "dsel", "score", f"data={prefix}", "window=5", f"scorer={FAKE}", "shard_size=7", "batch_size=3",
+        "cli": ["-m", "dsel", "score", f"corpus={prefix}", "window=5", f"scorer={FAKE}", "shard_size=7", "batch_size=3",
                 "device=cpu", f"out={tmp_path / 'cli'}"],
         "api": ["-m", "tests._score_util", str(prefix), "5", str(tmp_path / "api")],
     }
@@ -85,7 +85,7 @@ def test_killed_process_resumes_without_rescoring(tmp_path):
     prefix = tmp_path / "corpus"
     make_corpus(prefix)
     clean = score_windows(open_corpus(prefix, 6), FakeScorer(), tmp_path / "clean", batch_size=4, shard_size=8)
-    args = ["score", f"data={prefix}", "window=6", f"scorer={FAKE}", "shard_size=8", "batch_size=4", "device=cpu",
+    args = ["score", f"corpus={prefix}", "window=6", f"scorer={FAKE}", "shard_size=8", "batch_size=4", "device=cpu",
             f"out={tmp_path / 'out'}"]
     env = {**os.environ, "DSEL_PROGRESS": "0", "PYTHONPATH": str(ROOT), "DSEL_TEST_EXIT_AFTER": "5"}
     result = subprocess.run([sys.executable, "-m", "dsel", *args], cwd=ROOT, env=env, capture_output=True, text=True)
@@ -100,7 +100,7 @@ def test_killed_process_resumes_without_rescoring(tmp_path):
 
 def test_dsel_select_reads_the_score_table(tmp_path):
     make_corpus(tmp_path / "corpus")
-    main(["score", f"data={tmp_path / 'corpus'}", "window=6", f"scorer={FAKE}", f"out={tmp_path / 'scores'}",
+    main(["score", f"corpus={tmp_path / 'corpus'}", "window=6", f"scorer={FAKE}", f"out={tmp_path / 'scores'}",
           "device=cpu"])
     main(["select", f"scores={tmp_path / 'scores'}", f"out={tmp_path / 'select'}", "method=topk", "column=total",
           "fraction=0.5", "materialise=false"])

@@ -22,7 +22,7 @@ def corpus(tmp_path):
 
 
 def score(corpus, out, scorer, **settings):
-    main(["score", f"data={corpus}", f"window={WINDOW}", f"scorer={scorer}", f"out={out}", "batch_size=5",
+    main(["score", f"corpus={corpus}", f"window={WINDOW}", f"scorer={scorer}", f"out={out}", "batch_size=5",
           "shard_size=12", "device=cpu", *[f"settings.{k}={v}" for k, v in settings.items()]])
     return pq.read_table(out / "scores.parquet").to_pydict()
 
@@ -36,7 +36,7 @@ def test_pds_scorer_through_dsel_score(corpus, tmp_path):
     with torch.no_grad():
         expected = model(tokens).float().numpy()
     np.testing.assert_allclose(table["pds"], expected, rtol=1e-5, atol=1e-6)
-    main(["pds", "score", f"model={tmp_path / 'scorer'}", f"data={corpus}", f"out={tmp_path / 'pds'}", "device=cpu"])
+    main(["pds", "score", f"model={tmp_path / 'scorer'}", f"corpus={corpus}", f"out={tmp_path / 'pds'}", "device=cpu"])
     via_pds = pq.read_table(tmp_path / "pds" / "scores.parquet").column("pds")
     np.testing.assert_allclose(via_pds, table["pds"], rtol=1e-5, atol=1e-6)  # another batch size: up to rounding
 

@@ -2,7 +2,7 @@
 
     dsel pds solve model=runs/proxy proxy=data/proxy target=data/target out=runs/pds solver.steps=100
     dsel pds fit-scorer gamma=runs/pds out=runs/pds/scorer
-    dsel pds score model=runs/pds/scorer data=data/corpus out=runs/pds/scores
+    dsel pds score model=runs/pds/scorer corpus=data/corpus out=runs/pds/scores
 
 `solve` writes `gamma.npy` (float64, one weight per proxy window, window i of the proxy data =
 gamma[i], sums to 1) and `gamma.json` (settings, objective per outer epoch). It saves its state
@@ -60,7 +60,7 @@ class FitScorerConfig:
 
 @dataclass
 class ScoreConfig:
-    data: str = option(help="corpus to score: " + DATA_HELP)
+    corpus: str = option(help="corpus to score: " + DATA_HELP)
     model: str = option("runs/pds/scorer", "scorer checkpoint written by `dsel pds fit-scorer`")
     out: str = option("runs/pds/scores", "score directory (shards, then the merged score table)")
     window: int = option(0, "tokens per window; 0 = the window the scorer was fitted on")
@@ -210,12 +210,12 @@ def run_score(cfg: ScoreConfig) -> Path:
     window = cfg.window or int(meta.get("window", 0))
     if window <= 0:
         raise file_error(cfg.model, "records no window size; set window=")
-    windows = open_windows(cfg.data, window, cfg.memmap_dtype)
+    windows = open_windows(cfg.corpus, window, cfg.memmap_dtype)
     device, created = start_distributed(cfg.device)
     try:
         scorer = load_pds_scorer(cfg.model, device)
         return score_windows(windows, scorer, cfg.out, cfg.batch_size, device=device,
-                             meta={"scorer": "pds", "model": cfg.model, "data": cfg.data, "window": window})
+                             meta={"scorer": "pds", "model": cfg.model, "corpus": cfg.corpus, "window": window})
     finally:
         if created:
             dist.destroy_process_group()

@@ -91,7 +91,7 @@ class Pipeline:
                 "model": p, "proxy": p, "target": target, "num_target": cfg.pds.target_windows, "out": p,
                 "window": window}))
             out["pds/fit"] = ("pds.fit", merged(device, cfg.pds.fit, {"gamma": p, "out": p}))
-            out["pds/score"] = ("pds.score", merged(device, cfg.pds.score, {"data": pool, "model": p, "out": p,
+            out["pds/score"] = ("pds.score", merged(device, cfg.pds.score, {"corpus": pool, "model": p, "out": p,
                                                                             "window": window}))
             out["pds/select"] = ("select", merged(cfg.pds.select, select, {"scores": p, "out": p}))
         if "color" in cfg.methods:

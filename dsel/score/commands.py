@@ -1,7 +1,7 @@
 """`dsel score` and `dsel score merge`: any registered scorer over a whole corpus, on one or many processes.
 
-    dsel score data=data/corpus window=1025 scorer=pds settings.model=runs/pds/scorer out=runs/scores
-    torchrun --nproc_per_node 8 -m dsel score data=data/corpus window=1025 scorer=color \\
+    dsel score corpus=data/corpus window=1025 scorer=pds settings.model=runs/pds/scorer out=runs/scores
+    torchrun --nproc_per_node 8 -m dsel score corpus=data/corpus window=1025 scorer=color \\
         settings.prior=ckpt/prior settings.cond=ckpt/cond out=runs/scores
     dsel score merge out=runs/scores
 
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ScoreCommandConfig:
-    data: str = option(help="corpus: Megatron dataset prefix (.idx/.bin) or headerless token file (.bin/.npy)")
+    corpus: str = option(help="corpus: Megatron dataset prefix (.idx/.bin) or headerless token file (.bin/.npy)")
     window: int = option(help="tokens per window (window i = tokens [i*window, (i+1)*window) of the corpus)")
     scorer: str = option(help="registered scorer name (pds, color) or module:function of a builder")
     settings: dict[str, Any] = option({}, "the scorer's settings, e.g. settings.model=DIR for pds")
@@ -91,11 +91,11 @@ def run_score(cfg: ScoreCommandConfig) -> Path:
     from dsel.score.engine import score_windows
     from dsel.score.scorers import build_scorer
 
-    windows = open_windows(cfg.data, cfg.window, cfg.memmap_dtype)
+    windows = open_windows(cfg.corpus, cfg.window, cfg.memmap_dtype)
     device, created = start_distributed(cfg.device)
     try:
         scorer = build_scorer(cfg.scorer, cfg.settings, device)
-        meta = {"scorer": cfg.scorer, "settings": cfg.settings, "data": cfg.data, "window": cfg.window}
+        meta = {"scorer": cfg.scorer, "settings": cfg.settings, "corpus": cfg.corpus, "window": cfg.window}
         table = score_windows(windows, scorer, cfg.out, cfg.batch_size, shard_size=cfg.shard_size, device=device,
                               meta=meta)
         if table.is_file() and int(os.environ.get("RANK", "0")) == 0:
