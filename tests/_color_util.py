@@ -1,7 +1,6 @@
 """Tiny dsel GPTs and an independent plain-torch scorer for the CoLoR tests."""
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -28,10 +27,3 @@ def plain_mean_losses(model, tokens: torch.Tensor, lengths: torch.Tensor | None 
 
 def random_windows(n: int, width: int, vocab: int = 64, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (n, width), generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.fixture(params=["reference", "triton"])
-def kernel_backend(request, monkeypatch):
-    """Run a test with the chunked torch loss head and with the Triton kernel (interpreted on CPU)."""
-    monkeypatch.setenv("DSEL_KERNELS", request.param)
-    return request.param

@@ -12,7 +12,7 @@ if not torch.cuda.is_available():  # must precede the first Triton call
 from dsel.color.finetune import finetune_model, masked_mean_loss  # noqa: E402
 from dsel.train.schedule import lr_at  # noqa: E402
 from dsel.color.target import epoch_batches, padded_batch, split_documents  # noqa: E402
-from _color_util import kernel_backend, tiny_gpt  # noqa: E402,F401
+from _color_util import tiny_gpt  # noqa: E402
 
 
 def unpadded_loss(model, pieces) -> torch.Tensor:

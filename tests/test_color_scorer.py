@@ -10,7 +10,7 @@ if not torch.cuda.is_available():  # must precede the first Triton call
 from dsel.color.commands import check_data_matches  # noqa: E402
 from dsel.color.scorer import ColorScorer, ScoredModel, mean_token_losses  # noqa: E402
 from dsel.errors import DselError  # noqa: E402
-from _color_util import kernel_backend, plain_mean_losses, random_windows, tiny_gpt  # noqa: E402,F401
+from _color_util import plain_mean_losses, random_windows, tiny_gpt  # noqa: E402
 
 
 def test_mean_token_losses_match_plain_cross_entropy(kernel_backend):
