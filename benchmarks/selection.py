@@ -17,7 +17,6 @@ import sys
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 import argparse  # noqa: E402
-import gc  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
@@ -26,9 +25,11 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 import dsel  # noqa: E402
 
+from dsel.benchmarking import PeakMemory  # noqa: E402
 from dsel.io import write_json  # noqa: E402
 from dsel.select.expression import Expression  # noqa: E402
 from dsel.select.methods import Plan, select, selection_key  # noqa: E402
@@ -71,30 +72,13 @@ def in_memory(path: Path, plan: Plan) -> np.ndarray:
     return np.sort(chunk["window"][keep])
 
 
-def peak_rss_reset() -> int | None:
-    """Reset the process's peak RSS to the current RSS; return it in bytes (None if Linux refuses)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _status_bytes("VmRSS")
-    except OSError:
-        return None
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
-
-
 def measure(fn):
     """(seconds, peak extra bytes or None, result) of one call."""
-    gc.collect()
-    start_rss = peak_rss_reset()
-    start = time.perf_counter()
-    result = fn()
-    seconds = time.perf_counter() - start
-    peak = None if start_rss is None else max(0, _status_bytes("VmHWM") - start_rss)
-    return seconds, peak, result
+    with PeakMemory(torch.device("cpu")) as memory:
+        start = time.perf_counter()
+        result = fn()
+        seconds = time.perf_counter() - start
+    return seconds, memory.peak, result
 
 
 def run_worker(mode: str, case: str, table: str, rows: int, chunk_rows: int) -> dict:
