@@ -110,7 +110,8 @@ def data_meta(prefixes: Sequence[str], model_vocab: int | None = None) -> dict:
         if not Path(path).is_file():
             log.warning("%s not found: the checkpoint will not record the tokenizer", path)
             continue
-        meta = {k: read_meta(prefix)[k] for k in ("tokenizer", "tokenizer_sha256", "vocab_size")}
+        recorded = read_meta(prefix)
+        meta = {k: recorded[k] for k in ("tokenizer", "tokenizer_sha256", "vocab_size")}
         if found and meta["tokenizer_sha256"] != found["tokenizer_sha256"]:
             raise file_error(path, f"tokenizer differs from the one of {prefixes[0]}")
         if model_vocab is not None and meta["vocab_size"] > model_vocab:
