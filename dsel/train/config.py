@@ -108,3 +108,11 @@ class TrainConfig:
     @property
     def samples_per_step(self) -> int:
         return self.batch_size * self.grad_accum
+
+    def evaluates_after(self, step: int, steps: int) -> bool:
+        """Whether the held-out loss is measured after `step` of `steps` (every eval_every, and at the end)."""
+        return step == steps or bool(self.eval_every and step % self.eval_every == 0)
+
+    def saves_after(self, step: int, steps: int) -> bool:
+        """Whether a checkpoint is written after `step` of `steps` (every save_every, and at the end)."""
+        return step == steps or bool(self.save_every and step % self.save_every == 0)

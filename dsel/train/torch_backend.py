@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -35,6 +36,7 @@ from dsel.data.meta import meta_path, read_meta
 from dsel.data.windows import Windows
 from dsel.errors import file_error
 from dsel.io import atomic_path, progress, read_json
+from dsel.models.config import GPTConfig
 from dsel.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -141,6 +143,30 @@ def load_sample_weights(path: str, num_samples: int) -> SampleWeights:
     if len(weights) < num_samples:
         raise file_error(path, f"{len(weights)} weights for a run of {num_samples} samples")
     return lambda ids: np.asarray(weights[ids], dtype=np.float32)
+
+
+@dataclass
+class RunInputs:
+    """What both backends derive from the settings before training."""
+
+    steps: int
+    samples: object  # GPTSampleLoader or BlendedSamples
+    valid: Optional[Windows]
+    weights_of: Optional[SampleWeights]
+    meta: dict  # checkpoint meta: the data's tokenizer, the data, init and the run's settings
+
+
+def run_inputs(cfg: TrainConfig, config: GPTConfig, sample_weights: SampleWeights | None = None) -> RunInputs:
+    """Length, training samples, held-out windows, per-sample weights and checkpoint meta of a run (checked)."""
+    steps = cfg.num_steps(config.seq_len)
+    num_samples = steps * cfg.samples_per_step
+    samples = training_samples(cfg, config.seq_len, config.vocab_size, num_samples)
+    valid = Windows(open_dataset(cfg.valid, config.vocab_size), config.seq_len + 1) if cfg.valid is not None else None
+    weights_of = sample_weights or (load_sample_weights(cfg.weights, num_samples) if cfg.weights else None)
+    meta = {**data_meta(cfg.data, config.vocab_size), "data": list(cfg.data), "init": cfg.init, "train": to_dict(cfg)}
+    if cfg.init is not None:
+        check_init_tokenizer(cfg.init, meta)
+    return RunInputs(steps, samples, valid, weights_of, meta)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,15 +368,8 @@ def train(cfg: TrainConfig, sample_weights: SampleWeights | None = None,
     device = resolve_device(cfg.device)
     state = load_state(cfg)
     model = build_model(cfg) if state is None else resume_model(cfg, state)
-    seq_len, vocab_size = model.config.seq_len, model.config.vocab_size
-    steps = cfg.num_steps(seq_len)
-    num_samples = steps * cfg.samples_per_step
-    samples = training_samples(cfg, seq_len, vocab_size, num_samples)
-    valid = Windows(open_dataset(cfg.valid, vocab_size), seq_len + 1) if cfg.valid is not None else None
-    weights_of = sample_weights or (load_sample_weights(cfg.weights, num_samples) if cfg.weights else None)
-    meta = {**data_meta(cfg.data, vocab_size), "data": list(cfg.data), "init": cfg.init, "train": to_dict(cfg)}
-    if cfg.init is not None:
-        check_init_tokenizer(cfg.init, meta)
+    run = run_inputs(cfg, model.config, sample_weights)
+    steps = run.steps
 
     model.to(device).train()
     optimizer = make_optimizer(model, cfg)
@@ -366,7 +385,7 @@ def train(cfg: TrainConfig, sample_weights: SampleWeights | None = None,
     if first_step >= steps:
         return out / "model"
 
-    batches = step_batches(samples, cfg, first_step, steps, weights_of, pin=device.type == "cuda")
+    batches = step_batches(run.samples, cfg, first_step, steps, run.weights_of, pin=device.type == "cuda")
     with open(log_path, "a") as log_file, closing(batches), progress(total=steps, initial=first_step, desc="train",
                                                                      unit="step") as bar:
         for step, micro_batches in enumerate(batches, first_step):
@@ -378,13 +397,13 @@ def train(cfg: TrainConfig, sample_weights: SampleWeights | None = None,
             write_row(log_file, row)
             bar.update()
             bar.set_postfix(loss=f"{loss:.4f}")
-            if valid is not None and (done == steps or (cfg.eval_every and done % cfg.eval_every == 0)):
-                valid_loss = evaluate(model, valid, batch_size=cfg.batch_size, device=device,
+            if run.valid is not None and cfg.evaluates_after(done, steps):
+                valid_loss = evaluate(model, run.valid, batch_size=cfg.batch_size, device=device,
                                       max_batches=cfg.eval_batches, precision=cfg.precision)
                 write_row(log_file, {"step": done, "valid_loss": valid_loss})
                 bar.set_postfix(loss=f"{loss:.4f}", valid=f"{valid_loss:.4f}")
-            if done == steps or (cfg.save_every and done % cfg.save_every == 0):
-                save_checkpoint(cfg, model, optimizer, done, meta)
+            if cfg.saves_after(done, steps):
+                save_checkpoint(cfg, model, optimizer, done, run.meta)
             if on_step is not None:
                 on_step(done, row)
     log.info("trained %d steps; final loss %.4f; checkpoint %s", steps, loss, out / "model")

@@ -28,7 +28,6 @@ from typing import Callable
 import torch
 
 from dsel.config import save_config, to_dict
-from dsel.data.windows import Windows
 from dsel.errors import DselError, file_error
 from dsel.io import atomic_path, progress, read_json, write_json
 from dsel.train.config import TrainConfig
@@ -238,7 +237,9 @@ def save_model_checkpoint(ddp, gpt, cfg: TrainConfig, meta: dict, step: int) -> 
             log.warning("data-parallel replicas differ (checksum spread %.3g)", spread)
         gpt.load_state_dict(full)
         dp = world_size() // (cfg.parallel.tp * cfg.parallel.pp)
-        save_model(path, gpt, {**meta, "step": step, "tokens": step * cfg.samples_per_step * gpt.config.seq_len,
+        from dsel.train.torch_backend import tokens_per_step
+
+        save_model(path, gpt, {**meta, "step": step, "tokens": step * tokens_per_step(cfg, gpt),
                                "parallel": {**to_dict(cfg.parallel), "dp": dp, "dp_replica_spread": spread}})
     torch.distributed.barrier()
     return path
@@ -342,16 +343,8 @@ def train(cfg: TrainConfig, sample_weights=None, on_step: Callable[[int, dict], 
     config, seq_len = gpt.config, gpt.config.seq_len
     dp = check_layout(cfg, config, world_size())
     check_device(cfg)
-    steps = cfg.num_steps(seq_len)
-    num_samples = steps * cfg.samples_per_step
-    samples = torch_backend.training_samples(cfg, seq_len, config.vocab_size, num_samples)
-    valid = Windows(torch_backend.open_dataset(cfg.valid, config.vocab_size), seq_len + 1) if cfg.valid else None
-    if sample_weights is None and cfg.weights:
-        sample_weights = torch_backend.load_sample_weights(cfg.weights, num_samples)
-    meta = {**torch_backend.data_meta(cfg.data, config.vocab_size), "data": list(cfg.data), "init": cfg.init,
-            "train": to_dict(cfg)}
-    if cfg.init is not None:
-        torch_backend.check_init_tokenizer(cfg.init, meta)
+    run = torch_backend.run_inputs(cfg, config, sample_weights)
+    steps = run.steps
 
     logging.getLogger("megatron.core").setLevel(logging.WARNING)  # it logs its whole config and every parameter name
     started_here = not torch.distributed.is_initialized()
@@ -375,23 +368,23 @@ def train(cfg: TrainConfig, sample_weights=None, on_step: Callable[[int, dict], 
             bar = progress(total=steps, initial=first_step, unit="step",
                            desc=f"train (megatron tp={cfg.parallel.tp} pp={cfg.parallel.pp} dp={dp})",
                            disable=not is_logger or os.environ.get("DSEL_PROGRESS") == "0")
-            batches = torch_backend.step_batches(samples, cfg, first_step, steps, sample_weights,
+            batches = torch_backend.step_batches(run.samples, cfg, first_step, steps, run.weights_of,
                                                  pin=torch.cuda.is_available())
             for step, micro_batches in enumerate(batches, first_step):
                 micro = [rank_rows(tokens, weights, dp, compute_device()) for tokens, weights in micro_batches]
                 lr = torch_backend.learning_rate(cfg, step, steps)
                 loss, grad_norm = train_step(ddp, optimizer, micro, lr, cfg, seq_len)
                 done = step + 1
-                row = {"step": done, "loss": loss, "lr": lr, "tokens": done * cfg.samples_per_step * seq_len,
+                row = {"step": done, "loss": loss, "lr": lr, "tokens": done * torch_backend.tokens_per_step(cfg, gpt),
                        "grad_norm": grad_norm}
                 torch_backend.write_row(log_file, row)
                 bar.update()
                 bar.set_postfix(loss=f"{loss:.4f}")
-                if valid is not None and (done == steps or (cfg.eval_every and done % cfg.eval_every == 0)):
-                    valid_loss = evaluate(ddp, valid, cfg, seq_len, dp)
+                if run.valid is not None and cfg.evaluates_after(done, steps):
+                    valid_loss = evaluate(ddp, run.valid, cfg, seq_len, dp)
                     torch_backend.write_row(log_file, {"step": done, "valid_loss": valid_loss})
-                if done == steps or (cfg.save_every and done % cfg.save_every == 0):
-                    save_model_checkpoint(ddp, gpt, cfg, meta, done)
+                if cfg.saves_after(done, steps):
+                    save_model_checkpoint(ddp, gpt, cfg, run.meta, done)
                     save_state(cfg, ddp, optimizer, done)
                 if on_step is not None:
                     on_step(done, row)
