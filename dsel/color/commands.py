@@ -89,7 +89,7 @@ def random_slice(prefix: str, fraction: float, seed: int, out_prefix: str) -> st
     import numpy as np
 
     from dsel.data.indexed import IndexedDataset, subset_dataset
-    from dsel.data.meta import read_meta, write_meta
+    from dsel.data.meta import write_derived_meta
 
     if not 0 < fraction <= 1:
         raise DselError(f"fraction must be in (0, 1], got {fraction}")
@@ -99,9 +99,7 @@ def random_slice(prefix: str, fraction: float, seed: int, out_prefix: str) -> st
     count = max(1, round(fraction * num_documents))
     ids = np.sort(np.random.default_rng(seed).choice(num_documents, size=count, replace=False))
     sliced = subset_dataset(prefix, ids, out_prefix)
-    if Path(f"{prefix}.meta.json").is_file():
-        write_meta(out_prefix, {**read_meta(prefix), "slice_of": prefix, "fraction": fraction, "seed": seed,
-                                "num_documents": count, "num_tokens": sliced.num_tokens})
+    write_derived_meta(prefix, sliced, slice_of=prefix, fraction=fraction, seed=seed)
     log.info("prior slice: %d of %d documents of %s -> %s", count, num_documents, prefix, out_prefix)
     return out_prefix
 
@@ -126,6 +124,7 @@ def run_score(cfg: ColorScoreConfig):
     import torch.distributed as dist
 
     from dsel.color.scorer import load_scorer
+    from dsel.data.windows import corpus_prefix
     from dsel.score.commands import open_windows, start_distributed
     from dsel.score.engine import score_windows
 
@@ -134,8 +133,8 @@ def run_score(cfg: ColorScoreConfig):
         scorer = load_scorer(cfg, device)
         window = cfg.window or min(m.context for m in scorer.models)
         scorer.check_window(window)
-        check_data_matches(cfg.corpus.removesuffix(".bin").removesuffix(".npy"), scorer.models)
         windows = open_windows(cfg.corpus, window, cfg.memmap_dtype)
+        check_data_matches(corpus_prefix(windows.source), scorer.models)
         meta = {"scorer": "color", "corpus": cfg.corpus, "window": window, "micro_batch": cfg.micro_batch,
                 "precision": cfg.precision, "models": {m.name: m.checkpoint for m in scorer.models}}
         table = score_windows(windows, scorer, cfg.out, cfg.batch_size, shard_size=cfg.shard_size, device=device,

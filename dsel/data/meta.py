@@ -24,6 +24,14 @@ def write_meta(prefix: str | os.PathLike, meta: dict) -> None:
     write_json(meta_path(prefix), meta)
 
 
+def write_derived_meta(source_prefix: str | os.PathLike, derived, **provenance) -> None:
+    """`<derived>.meta.json` for a dataset cut from `source_prefix` (a slice, a selection): the source's
+    tokenizer and vocabulary with the derived dataset's counts; nothing when the source records none."""
+    if os.path.isfile(meta_path(source_prefix)):
+        write_meta(derived.prefix, {**read_meta(source_prefix), "num_documents": derived.num_documents,
+                                    "num_tokens": derived.num_tokens, **provenance})
+
+
 def read_meta(prefix: str | os.PathLike) -> dict:
     """The metadata dict (vocab_size, tokenizer, tokenizer_sha256, dtype, eod_id, counts, ...)."""
     path = meta_path(prefix)

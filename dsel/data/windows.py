@@ -25,6 +25,15 @@ def source_name(source: TokenSource) -> str:
     return getattr(source, "prefix", None) or source.path
 
 
+def corpus_prefix(source: TokenSource) -> str:
+    """The path sidecars hang off: a Megatron prefix, or a token file without its .bin/.npy suffix."""
+    prefix = getattr(source, "prefix", None)
+    if prefix is not None:
+        return prefix
+    path = str(source.path)
+    return path.removesuffix(".bin").removesuffix(".npy")
+
+
 class Windows:
     """Non-overlapping windows of `window` tokens over a token source."""
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from dsel.data.docids import doc_ids_path, read_doc_ids
-from dsel.data.windows import Windows, source_name
+from dsel.data.windows import Windows, corpus_prefix, source_name
 from dsel.errors import DselError, file_error
 from dsel.io import atomic_path, progress, read_json, require_file, write_json
 from dsel.score.stats import column_stats, score_histogram, table_stats
@@ -44,15 +44,6 @@ DEFAULT_SHARD_BATCHES = 64  # shard_size=None: this many batches per shard
 
 
 # ----- the job: what is scored, and its fingerprint --------------------------------------------------
-def corpus_prefix(source) -> str:
-    """The path sidecars hang off: a Megatron prefix, or a token file without its .bin/.npy suffix."""
-    prefix = getattr(source, "prefix", None)
-    if prefix is not None:
-        return prefix
-    path = Path(source.path)
-    return str(path.with_suffix("")) if path.suffix in (".bin", ".npy") else str(path)
-
-
 def corpus_info(source) -> dict:
     """Enough to reopen the corpus for a later merge, and to notice it changed."""
     kind = "indexed" if hasattr(source, "prefix") else "memmap"

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from dsel.data.indexed import IndexedDataset, merge_datasets
-from dsel.data.meta import meta_path, read_meta, write_meta
-from dsel.data.windows import Windows, source_name, write_windows
+from dsel.data.meta import write_derived_meta
+from dsel.data.windows import Windows, corpus_prefix, write_windows
 from dsel.io import progress
 
 PART = re.compile(r"^part-(\d{5})\.(bin|idx)$")
@@ -52,13 +52,6 @@ def materialise(windows: Windows, indices: np.ndarray, out_dir: str | Path, shar
     remove_stale_parts(out_dir, len(jobs))
     prefixes = [job[3] for job in jobs]
     selected = merge_datasets(prefixes, out_dir / "selected")
-    write_selected_meta(windows.source, selected)
+    corpus = corpus_prefix(windows.source)
+    write_derived_meta(corpus, selected, selected_from=corpus)  # models trained on it record the tokenizer
     return prefixes, selected
-
-
-def write_selected_meta(source, selected: IndexedDataset) -> None:
-    """The corpus's meta sidecar (tokenizer, vocabulary) for the selection, so models trained on it record them."""
-    corpus = str(source_name(source)).removesuffix(".bin").removesuffix(".npy")
-    if Path(meta_path(corpus)).is_file():
-        write_meta(selected.prefix, {**read_meta(corpus), "num_documents": selected.num_documents,
-                                     "num_tokens": selected.num_tokens, "selected_from": corpus})
