@@ -1,8 +1,10 @@
-"""The document-id sidecar `<prefix>.docids.jsonl`: the source id of every document, in order.
+"""Per-document sidecars: one JSON string per document of a dataset, in order.
 
-Scores are computed per window; `Windows.doc_of_window` gives a window's document index and this
-file turns that index back into the id of the source record (the input's id field, or
-`<file>:<record number>`), so scores can be joined to the original corpus.
+`<prefix>.docids.jsonl` holds the source id of every document. Scores are computed per window;
+`Windows.doc_of_window` gives a window's document index and this file turns that index back into
+the id of the source record (the input's id field, or `<file>:<record number>`), so scores can be
+joined to the original corpus. `<prefix>.domains.jsonl`, when present, holds every document's
+domain (for per-domain statistics and selection shares).
 """
 from __future__ import annotations
 
@@ -18,26 +20,40 @@ def doc_ids_path(prefix: str | os.PathLike) -> str:
     return f"{prefix}.docids.jsonl"
 
 
-def write_doc_ids(prefix: str | os.PathLike, ids: Iterable[str]) -> int:
+def domains_path(prefix: str | os.PathLike) -> str:
+    return f"{prefix}.domains.jsonl"
+
+
+def write_document_strings(path: str | os.PathLike, values: Iterable[str]) -> int:
     """Write one JSON string per line (atomically); returns how many."""
     count = 0
-    with atomic_path(doc_ids_path(prefix)) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for doc_id in ids:
-            f.write(json.dumps(str(doc_id), ensure_ascii=False) + "\n")
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for value in values:
+            f.write(json.dumps(str(value), ensure_ascii=False) + "\n")
             count += 1
     return count
 
 
-def read_doc_ids(prefix: str | os.PathLike, expected: int | None = None) -> list[str]:
-    """The source id of each document; `expected` checks the count against the dataset's."""
-    path = require_file(doc_ids_path(prefix), "document-id sidecar")
-    ids = []
+def read_document_strings(path: str | os.PathLike, expected: int | None = None, what: str = "entries") -> list[str]:
+    """One string per document; `expected` checks the count against the dataset's."""
+    path = require_file(path, "per-document sidecar")
+    values = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             try:
-                ids.append(json.loads(line))
+                values.append(str(json.loads(line)))
             except json.JSONDecodeError:
                 raise file_error(path, f"line {line_no} is not a JSON string") from None
-    if expected is not None and len(ids) != expected:
-        raise file_error(path, f"has {len(ids)} ids but the dataset has {expected} documents")
-    return ids
+    if expected is not None and len(values) != expected:
+        raise file_error(path, f"has {len(values)} {what} but the dataset has {expected} documents")
+    return values
+
+
+def write_doc_ids(prefix: str | os.PathLike, ids: Iterable[str]) -> int:
+    """Write the document-id sidecar of `prefix`; returns how many ids."""
+    return write_document_strings(doc_ids_path(prefix), ids)
+
+
+def read_doc_ids(prefix: str | os.PathLike, expected: int | None = None) -> list[str]:
+    """The source id of each document; `expected` checks the count against the dataset's."""
+    return read_document_strings(doc_ids_path(prefix), expected, "ids")

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 
 from dsel.config import from_dict, save_config, to_dict
 from dsel.errors import DselError
-from dsel.io import atomic_path, read_json, write_json
+from dsel.io import read_json, write_json
 from dsel.pipeline.config import BUNDLED, PipelineConfig
 from dsel.pipeline.runner import StageRunner
 
@@ -298,7 +297,7 @@ def validation_inputs(data) -> dict[str, str]:
 
 def write_domains(prefix: Path, source: str, data) -> None:
     """`<prefix>.domains.jsonl`: the domain of every tokenized document (joined by document id)."""
-    from dsel.data.docids import read_doc_ids
+    from dsel.data.docids import domains_path, read_doc_ids, write_document_strings
     from dsel.data.tokenize import JSONL_SUFFIXES, input_files, read_jsonl
 
     files = input_files(source)
@@ -310,5 +309,4 @@ def write_domains(prefix: Path, source: str, data) -> None:
     missing = [i for i in ids if i not in domains]
     if missing:
         raise DselError(f"{source}: document {missing[0]} has no '{data.domain_field}' field")
-    with atomic_path(f"{prefix}.domains.jsonl") as tmp:
-        tmp.write_text("".join(json.dumps(domains[i]) + "\n" for i in ids), encoding="utf-8")
+    write_document_strings(domains_path(prefix), (domains[i] for i in ids))

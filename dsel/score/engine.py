@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dsel.data.docids import doc_ids_path, read_doc_ids
+from dsel.data.docids import doc_ids_path, domains_path, read_doc_ids, read_document_strings
 from dsel.data.windows import Windows, corpus_prefix, source_name
 from dsel.errors import DselError, file_error
 from dsel.io import atomic_path, progress, read_json, require_file, write_json
@@ -346,29 +346,14 @@ def read_shard(path: Path, columns: list[str]) -> tuple[np.ndarray, dict[str, np
     return ids, {name: arrays[name].astype(np.float32) for name in columns}
 
 
-def read_string_sidecar(path: Path, expected: int) -> list[str]:
-    """A `.jsonl` file of one JSON string per document (the domain sidecar), count-checked."""
-    values = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            try:
-                values.append(str(json.loads(line)))
-            except json.JSONDecodeError:
-                raise file_error(path, f"line {line_no} is not a JSON string") from None
-    if len(values) != expected:
-        raise file_error(path, f"has {len(values)} entries but the dataset has {expected} documents")
-    return values
-
-
 def document_labels(windows: Windows, meta: dict) -> tuple[list[str] | None, list[str] | None]:
     """(doc ids, domains) per document, from `<prefix>.docids.jsonl` and `<prefix>.domains.jsonl` (or
     one `meta["domain"]` for the whole corpus); None where unknown."""
     source = windows.source
     prefix = corpus_prefix(source)
     doc_ids = read_doc_ids(prefix, source.num_documents) if Path(doc_ids_path(prefix)).is_file() else None
-    domains_file = Path(f"{prefix}.domains.jsonl")
-    if domains_file.is_file():
-        domains = read_string_sidecar(domains_file, source.num_documents)
+    if Path(domains_path(prefix)).is_file():
+        domains = read_document_strings(domains_path(prefix), source.num_documents)
     elif isinstance(meta.get("domain"), str):
         domains = [meta["domain"]] * source.num_documents
     else:
