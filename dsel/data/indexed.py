@@ -111,6 +111,12 @@ class IndexedDataset:
         start = int(self.pointers[0]) // self.dtype.itemsize if len(self) else 0
         return self.tokens[start : start + self.num_tokens]
 
+    @property
+    def document_starts(self) -> np.ndarray:
+        """Stream position where each document starts (int64), as MemmapTokens.document_starts."""
+        sequence_starts = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])
+        return sequence_starts[self.document_indices[:-1]]
+
     def document_of_token(self, positions: np.ndarray) -> np.ndarray:
         """Document containing each stream position (int64)."""
         ends = np.cumsum(self.sizes, dtype=np.int64)

@@ -435,18 +435,10 @@ def read_scores(path, columns: list[str] = ()):
 
 
 # ----- per-document scores -----------------------------------------------------------------------------
-def document_starts(source) -> np.ndarray:
-    """Stream position where each document starts (int64)."""
-    if hasattr(source, "document_starts"):
-        return source.document_starts
-    sequence_starts = np.concatenate([[0], np.cumsum(source.sizes, dtype=np.int64)])
-    return sequence_starts[source.document_indices[:-1]]
-
-
 def window_document_overlaps(windows: Windows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(window, doc, tokens) of every non-empty intersection of a window with a document."""
     end = len(windows) * windows.window
-    starts = document_starts(windows.source)
+    starts = windows.source.document_starts
     cuts = np.union1d(np.arange(0, end, windows.window, dtype=np.int64), starts[starts < end])
     lengths = np.diff(np.append(cuts, end))
     return cuts // windows.window, windows.source.document_of_token(cuts), lengths
