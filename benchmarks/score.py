@@ -24,7 +24,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import kernels  # noqa: E402
-from dsel.benchmarking import measure  # noqa: E402
+from dsel.benchmarking import matmul_flops, measure  # noqa: E402
 from dsel.color.scorer import ColorScorer  # noqa: E402
 from dsel.device import autocast_for  # noqa: E402
 from dsel.io import write_json  # noqa: E402
@@ -55,14 +55,6 @@ class PlainTorchScorer:
             return F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none").float().mean(1)
 
 
-def measured_matmul_tflops(device: torch.device, dtype: torch.dtype, size: int) -> float:
-    """FLOP/s of a square matmul here (median of 5): the attainable peak MFU is measured against on CPU."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    seconds, _ = measure(lambda: a @ b, device, repeats=5)
-    return 2 * size ** 3 / seconds / 1e12
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -91,7 +83,7 @@ def main(argv=None):
     elif gpu:
         peak, peak_source = H100_BF16_DENSE_TFLOPS, "H100 bf16 dense spec"
     else:
-        peak, peak_source = measured_matmul_tflops(device, dtype, 1024), "measured matmul"
+        peak, peak_source = matmul_flops(device, dtype) / 1e12, "measured matmul"
 
     models = {}
     for seed, name in enumerate(("prior", "cond")):

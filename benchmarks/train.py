@@ -18,14 +18,13 @@ import dataclasses
 import os
 import sys
 import tempfile
-import time
 
 # benchmarks/kernels.py would shadow the kernels package the models import: keep this folder off sys.path.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 import torch  # noqa: E402
 
-from dsel.benchmarking import measure  # noqa: E402
+from dsel.benchmarking import matmul_flops, measure  # noqa: E402
 from dsel.io import write_json  # noqa: E402
 from dsel.models.config import preset  # noqa: E402
 from dsel.train.config import TrainConfig  # noqa: E402
@@ -41,20 +40,6 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per backend (median reported)")
     parser.add_argument("--out", default="train_benchmark.json", help="JSON results")
     return parser.parse_args(argv)
-
-
-def cpu_matmul_peak(size: int = 1024, repeats: int = 5) -> float:
-    """FLOP/s of the best of a few fp32 [size x size] matmuls: the CPU's practical peak."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
-    return 2 * size**3 / best
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def train_config(batch_size: int, precision: str, out: str) -> TrainConfig:
@@ -109,7 +94,7 @@ def run(args) -> dict:
     overrides = {"seq_len": args.seq_len} if args.seq_len else {}
     config = preset(args.preset or ("pds-160m" if on_gpu else "small-cpu"), **overrides)
     batch_size = args.batch_size or (16 if on_gpu else 8)
-    peak = H100_BF16_PEAK if on_gpu else cpu_matmul_peak()
+    peak = H100_BF16_PEAK if on_gpu else matmul_flops(torch.device("cpu"))
     tokens = torch.randint(0, config.vocab_size, (batch_size, config.seq_len + 1), device=device)
     flops_per_token = config.flops_per_token(training=True)
     rows = []

@@ -60,3 +60,11 @@ def measure(fn, device, repeats):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2], mem.peak
+
+
+def matmul_flops(device, dtype=torch.float32, size: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of a square matmul here (median of `repeats`): the attainable peak that CPU MFU is measured against."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    seconds, _ = measure(lambda: a @ b, device, repeats)
+    return 2 * size**3 / seconds
