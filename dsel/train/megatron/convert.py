@@ -18,6 +18,7 @@ megatron's grouped layout ([groups, (heads_per_group + 2) * head_dim, d]), so th
 from __future__ import annotations
 
 import re
+from typing import Mapping
 
 import torch
 
@@ -93,14 +94,18 @@ def _local_name(name: str) -> str:
     return name
 
 
-def to_megatron(state: dict[str, torch.Tensor], config: GPTConfig, tp_rank: int = 0, tp: int = 1, pp_rank: int = 0,
-                pp: int = 1, te: bool = False) -> dict[str, torch.Tensor]:
-    """The state_dict of megatron stage (pp_rank, tp_rank) from a full dsel GPT state_dict."""
+def to_megatron(state: Mapping[str, torch.Tensor], config: GPTConfig, tp_rank: int = 0, tp: int = 1,
+                pp_rank: int = 0, pp: int = 1, te: bool = False) -> dict[str, torch.Tensor]:
+    """The state_dict of megatron stage (pp_rank, tp_rank) from a full dsel GPT state_dict.
+
+    `state` may be a lazy mapping (dsel.train.megatron.shards): only the tensors this stage
+    holds are read, one at a time, and only this rank's slice of each is kept (a copy).
+    """
     layers = stage_layers(config, pp_rank, pp)
     first, last = pp_rank == 0, pp_rank == pp - 1
     out = {}
-    for name, tensor in state.items():
-        match = _LAYER.match(name)
+    for full_name in state.keys():
+        name, match = full_name, _LAYER.match(full_name)
         if match:
             index = int(match.group(1))
             if index not in layers:
@@ -110,10 +115,10 @@ def to_megatron(state: dict[str, torch.Tensor], config: GPTConfig, tp_rank: int 
             continue
         elif name.startswith(("decoder.final_layernorm.", "output_layer.")) and not last:
             continue
-        out[_te_name(name) if te else name] = _shard(name, tensor, config, tp_rank, tp)
+        out[_te_name(name) if te else name] = _shard(name, state[full_name], config, tp_rank, tp).clone()
     if config.tie_embeddings and last and not first:
         out["output_layer.weight"] = _shard("output_layer.weight", state["embedding.word_embeddings.weight"], config,
-                                            tp_rank, tp)
+                                            tp_rank, tp).clone()
     return out
 
 

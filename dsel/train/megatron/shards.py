@@ -1,0 +1,85 @@
+"""Each rank builds only its own tensor/pipeline shard of the model; the full model exists nowhere.
+
+The megatron model of a rank is built with megatron-core's own per-rank construction (every
+layer allocates only its slice; megatron's random init is skipped, `perform_initialization=False`)
+and filled from a *lazy* full state: `SeededWeights` draws a dsel GPT parameter only when asked
+for it, from a generator that depends on (seed, name) alone (`dsel.models.gpt.parameter_generator`,
+the torch backend's init too), and `checkpoint_weights` memory-maps an `init` checkpoint.
+`convert.to_megatron` then reads just this stage's tensors, one at a time, and keeps this
+rank's slice of each. A rank's peak memory is its shard plus one full tensor (the largest: the
+embedding), and every layout starts from the weights the torch backend starts from.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+
+from dsel.errors import file_error
+from dsel.models.checkpoint import check_state_dict
+from dsel.models.config import GPTConfig
+from dsel.models.gpt import GPT, init_parameter_, parameter_generator
+from dsel.train.megatron import convert, model as megatron_model
+
+
+def meta_gpt(config: GPTConfig) -> GPT:
+    """A dsel GPT on the meta device: names, shapes and config, no storage."""
+    with torch.device("meta"):
+        return GPT(config)
+
+
+class SeededWeights(Mapping):
+    """The initial weights of a dsel GPT for `seed`, each tensor drawn when it is read (and not kept)."""
+
+    def __init__(self, config: GPTConfig, seed: int):
+        self.config, self.seed = config, seed
+        self.shapes = {name: p.shape for name, p in meta_gpt(config).state_dict().items()}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        tensor = torch.empty(self.shapes[name])
+        init_parameter_(name, tensor, self.config, parameter_generator(self.seed, name))
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
+def checkpoint_weights(path: str | Path, config: GPTConfig) -> Mapping[str, torch.Tensor]:
+    """A dsel checkpoint's weights, memory-mapped (a rank reads only the pages of its slices), checked to fit."""
+    weights = Path(path) / "model.pt"
+    if not weights.is_file():
+        raise file_error(weights, "model weights not found")
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many types for a corrupt file
+        raise file_error(weights, f"cannot be read as a torch state dict ({type(e).__name__})") from None
+    mismatch = check_state_dict(meta_gpt(config), state)
+    if mismatch:
+        raise file_error(path, f"checkpoint from another architecture: {mismatch}")
+    return state
+
+
+def initial_weights(config: GPTConfig, seed: int, init: str | None) -> Mapping[str, torch.Tensor]:
+    """The run's starting weights as a lazy full state: `init`'s, or drawn from `seed`."""
+    return SeededWeights(config, seed) if init is None else checkpoint_weights(init, config)
+
+
+def build_rank_model(config: GPTConfig, tp: int, pp: int, bf16: bool, weights: Mapping[str, torch.Tensor]):
+    """This rank's megatron stage (parallel state initialised) holding its slice of `weights`."""
+    from megatron.core import parallel_state
+
+    model = megatron_model.build_model(config, tp, pp, bf16, initialize=False)
+    shard = convert.to_megatron(weights, config, parallel_state.get_tensor_model_parallel_rank(), tp,
+                                parallel_state.get_pipeline_model_parallel_rank(), pp,
+                                te=megatron_model.use_transformer_engine())
+    convert.load_shard(model, shard)
+    return model
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """Elements of the parameters this rank holds."""
+    return sum(p.numel() for p in model.parameters())
