@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -240,6 +241,10 @@ def export(path: str | Path, out: str | Path) -> Path:
     from dsel.models.checkpoint import check_state_dict, save_model
     from dsel.models.gpt import GPT
 
+    from dsel.train.megatron.model import quiet_megatron_warnings
+
+    quiet_megatron_warnings()
+    warnings.filterwarnings("ignore", message=r"torch.distributed is disabled", category=UserWarning)
     folder = resolve(path)
     common = read_common(folder)
     config = GPTConfig(**common["model"])
