@@ -74,6 +74,8 @@ def test_select_writes_indices_json_histogram_and_data(corpus, tmp_path):
     assert len(merged) == len(expected) and merged.num_documents == len(expected)
     np.testing.assert_array_equal(merged.stream, np.concatenate([windows.tokens(int(i)) for i in expected]))
     np.testing.assert_array_equal(merged.stream.reshape(-1, WINDOW), windows.batch(expected, dtype=np.uint16))
+    handoff = (out / "megatron_args.txt").read_text()  # the Megatron-LM hand-off (tests/test_megatron_args.py)
+    assert f"--data-path {out / 'data' / 'selected'}\n" in handoff and f"--seq-length {WINDOW - 1}\n" in handoff
 
 
 def test_selected_data_carries_the_corpus_tokenizer_meta(corpus, tmp_path):

@@ -102,6 +102,7 @@ def corpus_and_window(cfg: SelectConfig) -> tuple[str, int]:
 def run_select(cfg: SelectConfig) -> Path:
     """Select, then write indices.npy, histogram.png, the data shards + merge, selection.json."""
     from dsel.score.commands import open_windows
+    from dsel.select import megatron_args
     from dsel.select.materialise import materialise
     from dsel.select.methods import select
     from dsel.select.source import check_pool, open_scores
@@ -128,6 +129,7 @@ def run_select(cfg: SelectConfig) -> Path:
     if cfg.materialise:
         parts, merged = materialise(windows, selection.indices, out / "data", cfg.shards, cfg.workers or os.cpu_count() or 1)
         data = {"shards": [str(p) for p in parts], "selected": merged.prefix}
+        data["megatron_args"] = str(megatron_args.write(out, [merged.prefix], seq_len=window - 1))  # Megatron-LM hand-off
     summary = describe_selection(plan, selection, source, corpus, window, time.time() - start)
     summary["outputs"] = {"indices": str(out / "indices.npy"), "histogram": histogram, "data": data}
     write_json(out / "selection.json", summary)
