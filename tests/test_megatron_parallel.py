@@ -37,7 +37,10 @@ LAYOUTS = {
     "pp2": ({"pp": 2}, {"tie_embeddings": True, "norm": "rmsnorm"}),
     "dp2": ({"distributed_optimizer": True}, {"activation": "gelu", "bias": True, "n_query_groups": None}),
     "pp2-bf16": ({"pp": 2}, {}),
+    "dp2-overlap": ({"distributed_optimizer": True, "overlap": True},
+                    {"activation": "gelu", "bias": True, "n_query_groups": None}),
 }
+REFERENCE = {"dp2-overlap": "dp2"}  # layouts compared with another layout's torch run (same model)
 PRECISION = {"pp2-bf16": "bf16"}
 PROBES = {"tp2": {"tp": 2}, "pp2": {"pp": 2}}  # layouts whose per-rank construction is measured
 
@@ -97,6 +100,8 @@ def runs(tmp_path_factory):
     extra = {name: {"precision": PRECISION.get(name, "fp32")} for name in LAYOUTS}
     extra["tp2"]["weights"] = str(tmp_path / "weights.npy")
     for name, (_, changes) in LAYOUTS.items():
+        if name in REFERENCE:
+            continue
         torch_backend.train(from_dict(TrainConfig, settings(tmp_path, data, f"{name}-torch", changes, backend="torch",
                                                             **extra[name])))
     dp2_layout, dp2_changes = LAYOUTS["dp2"]
@@ -118,12 +123,14 @@ def runs(tmp_path_factory):
 
 @pytest.mark.parametrize("layout", [name for name in LAYOUTS if name not in PRECISION])
 def test_layout_matches_torch_backend(runs, layout):
+    """dp2-overlap: grad reduce overlapped with the backward, param all-gather with the next forward."""
     losses, valid = read_log(runs / layout)
-    ref_losses, ref_valid = read_log(runs / f"{layout}-torch")
+    reference = f"{REFERENCE.get(layout, layout)}-torch"
+    ref_losses, ref_valid = read_log(runs / reference)
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.2  # it learns
     torch.testing.assert_close(losses, ref_losses, atol=1e-5, rtol=0)
     torch.testing.assert_close(valid, ref_valid, atol=1e-5, rtol=0)
-    assert_same_weights(runs / layout / "model", runs / f"{layout}-torch" / "model")
+    assert_same_weights(runs / layout / "model", runs / reference / "model")
 
 
 def test_bf16_matches_torch_backend_autocast(runs):
@@ -160,6 +167,16 @@ def test_bad_layout_is_one_line_error(changes, tp, pp, world, message):
     config = GPTConfig(**{**MODEL, **changes})
     with pytest.raises(DselError, match=message):
         check_parallel_sizes(config, tp, pp, world)
+
+
+@pytest.mark.parametrize("tp,message", [(2, "sequence_parallel needs Transformer Engine"),
+                                        (1, "sequence_parallel needs parallel.tp > 1")])
+def test_sequence_parallel_without_te_is_one_line_error(tmp_path, tp, message):
+    """No Transformer Engine here (CPU): megatron-core's local spec cannot split norms over the sequence."""
+    data = write_counting_dataset(tmp_path / "train", vocab=MODEL["vocab_size"])
+    cfg = from_dict(TrainConfig, settings(tmp_path, data, "sp", {}, parallel={"tp": tp, "sequence_parallel": True}))
+    with pytest.raises(DselError, match=message):
+        backend.check_layout(cfg, torch_backend.model_config(cfg), 2)
 
 
 def test_train_refuses_layout_before_starting_processes(tmp_path):

@@ -23,6 +23,7 @@ such checkpoint into a dsel checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -50,6 +51,8 @@ def check_layout(cfg: TrainConfig, config, world: int) -> int:
     """The data-parallel size, after checking the model, the world and the batch split tp x pp x dp ways."""
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     megatron_model.check_parallel_sizes(config, tp, pp, world)
+    if cfg.parallel.sequence_parallel:
+        megatron_model.check_sequence_parallel(tp)
     dp = world // (tp * pp)
     if cfg.batch_size % dp:
         raise DselError(f"train config: batch_size={cfg.batch_size} is not divisible by the data-parallel size {dp} "
@@ -81,7 +84,8 @@ def build_parallel_model(cfg: TrainConfig, config, bf16: bool):
     from megatron.core.transformer.module import Float16Module
 
     weights = shards.initial_weights(config, cfg.seed, cfg.init)
-    model = shards.build_rank_model(config, cfg.parallel.tp, cfg.parallel.pp, bf16, weights)
+    model = shards.build_rank_model(config, cfg.parallel.tp, cfg.parallel.pp, bf16, weights,
+                                    sequence_parallel=cfg.parallel.sequence_parallel)
     return Float16Module(model.config, model) if bf16 else model
 
 
@@ -89,11 +93,33 @@ def wrap_ddp(model, cfg: TrainConfig):
     """megatron's DistributedDataParallel (contiguous fp32 grad buffers, all-reduce or reduce-scatter)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                               use_distributed_optimizer=cfg.parallel.distributed_optimizer)
+    overlap, distributed = cfg.parallel.overlap, cfg.parallel.distributed_optimizer
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=overlap,
+                                               overlap_param_gather=overlap and distributed,
+                                               use_distributed_optimizer=distributed)
     ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
     ddp.config.finalize_model_grads_func = finalize_model_grads  # DP grad sync + tied-embedding grads across PP
+    if overlap:  # reduce each bucket as its grads are ready, on the last micro-batch only
+        ddp.config.no_sync_func = ddp.no_sync
     return ddp
+
+
+def synced_params(ddp):
+    """Finish an overlapped param all-gather and pause the forward pre-hooks (for evaluation and saving), then
+    resume them; nothing to do without overlap_param_gather."""
+    overlapped = ddp.ddp_config.overlap_param_gather
+
+    @contextlib.contextmanager
+    def paused():
+        if overlapped:
+            ddp.disable_forward_pre_hook()
+        try:
+            yield
+        finally:
+            if overlapped:
+                ddp.enable_forward_pre_hook()
+
+    return paused()
 
 
 def make_optimizer(ddp, cfg: TrainConfig, bf16: bool):
@@ -327,10 +353,12 @@ def train(cfg: TrainConfig, sample_weights=None, on_step: Callable[[int, dict], 
                 bar.update()
                 bar.set_postfix(loss=f"{loss:.4f}")
                 if run.valid is not None and cfg.evaluates_after(done, steps):
-                    valid_loss = evaluate(ddp, run.valid, cfg, seq_len, dp)
+                    with synced_params(ddp):
+                        valid_loss = evaluate(ddp, run.valid, cfg, seq_len, dp)
                     torch_backend.write_row(log_file, {"step": done, "valid_loss": valid_loss})
                 if cfg.saves_after(done, steps):
-                    save_state(cfg, ddp, optimizer, config, run.meta, done)
+                    with synced_params(ddp):
+                        save_state(cfg, ddp, optimizer, config, run.meta, done)
                 if done == steps:
                     export_model(cfg)
                 if on_step is not None:

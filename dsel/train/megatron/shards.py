@@ -5,8 +5,8 @@ layer allocates only its slice; megatron's random init is skipped, `perform_init
 and filled from a *lazy* full state: `SeededWeights` draws a dsel GPT parameter only when asked
 for it, from a generator that depends on (seed, name) alone (`dsel.models.gpt.parameter_generator`,
 the torch backend's init too), and `checkpoint_weights` memory-maps an `init` checkpoint.
-`convert.to_megatron` then reads just this stage's tensors, one at a time, and keeps this
-rank's slice of each. A rank's peak memory is its shard plus one full tensor (the largest: the
+`convert.megatron_tensors` then reads just this stage's tensors, one at a time, and each
+rank's slice is copied into the model as it comes. A rank's peak memory is its shard plus one full tensor (the largest: the
 embedding), and every layout starts from the weights the torch backend starts from.
 """
 from __future__ import annotations
@@ -68,15 +68,15 @@ def initial_weights(config: GPTConfig, seed: int, init: str | None) -> Mapping[s
     return SeededWeights(config, seed) if init is None else checkpoint_weights(init, config)
 
 
-def build_rank_model(config: GPTConfig, tp: int, pp: int, bf16: bool, weights: Mapping[str, torch.Tensor]):
+def build_rank_model(config: GPTConfig, tp: int, pp: int, bf16: bool, weights: Mapping[str, torch.Tensor],
+                     sequence_parallel: bool = False):
     """This rank's megatron stage (parallel state initialised) holding its slice of `weights`."""
     from megatron.core import parallel_state
 
-    model = megatron_model.build_model(config, tp, pp, bf16, initialize=False)
-    shard = convert.to_megatron(weights, config, parallel_state.get_tensor_model_parallel_rank(), tp,
-                                parallel_state.get_pipeline_model_parallel_rank(), pp,
-                                te=megatron_model.use_transformer_engine())
-    convert.load_shard(model, shard)
+    model = megatron_model.build_model(config, tp, pp, bf16, initialize=False, sequence_parallel=sequence_parallel)
+    convert.copy_into(model, convert.megatron_tensors(weights, config, parallel_state.get_tensor_model_parallel_rank(),
+                                                      tp, parallel_state.get_pipeline_model_parallel_rank(), pp,
+                                                      te=megatron_model.use_transformer_engine()))
     return model
 
 
