@@ -1,4 +1,4 @@
-"""lm-eval model `dsel`: a dsel GPT checkpoint plus its sentencepiece tokenizer.
+"""lm-eval model `dsel`: a dsel GPT checkpoint (or a transformers folder) plus its tokenizer (dsel.data.tokenizer).
 
 Importing this module registers the model with lm-eval (`@register_model("dsel")`); lm-eval has
 no plugin discovery, so `python -m dsel.eval.lm_eval` / `dsel eval lm-eval` import it first:
@@ -42,7 +42,8 @@ class DselLM(TemplateLM):
     def __init__(self, checkpoint: str, tokenizer: str | None = None, device: str = "cpu", batch_size: int | str = 16,
                  max_gen_toks: int = 64, **kwargs):
         super().__init__()
-        from dsel.data.tokenize import load_tokenizer
+        from dsel.data.meta import tokenizer_mismatch
+        from dsel.data.tokenizer import load_tokenizer
         from dsel.models.checkpoint import load_model
 
         device = pick_device(str(device))
@@ -54,8 +55,12 @@ class DselLM(TemplateLM):
             raise DselError(f"{checkpoint}: checkpoint records no tokenizer; pass --model_args tokenizer=PATH")
         self.model = model.eval()
         self.sp = load_tokenizer(tokenizer)
+        key = tokenizer_mismatch(meta, self.sp.identity())
+        if key:
+            raise DselError(f"{tokenizer}: not the tokenizer {checkpoint} was trained with ({key} "
+                            f"{self.sp.identity()[key]!r}, the checkpoint's {meta[key]!r})")
         if self.sp.vocab_size > model.config.vocab_size:
-            raise DselError(f"{tokenizer}: {self.sp.vocab_size} pieces do not fit the model's vocabulary of "
+            raise DselError(f"{tokenizer}: {self.sp.vocab_size} tokens do not fit the model's vocabulary of "
                             f"{model.config.vocab_size}")
         self._device = device
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16  # lm-eval may pass "auto"
