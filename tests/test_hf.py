@@ -179,7 +179,7 @@ def test_import_transformers_folder_as_model_and_init(kind, bpe, tmp_path):
     tuned, _ = load_model(tmp_path / "ft" / "model")
     assert tuned.config.vocab_size == 300 and tuned.config.n_query_groups == (2 if kind == "llama" else None)
     main(["eval", "loss", f"checkpoint={tmp_path / 'hf'}", f"data={{d: {tmp_path / 'data'}}}",
-          f"out={tmp_path / 'loss.json'}", "device=cpu"])
+          f"out={tmp_path / 'loss.json'}", "device=cpu", "max_batches=1", "window=17"])
     assert json.loads((tmp_path / "loss.json").read_text())["losses"]["d"]["loss"] > 0
 
 
@@ -262,3 +262,65 @@ def test_dataset_of_another_tokenizer_is_refused(e2e, tmp_path, capsys):
         assert str(root) in line, (name, line)
     assert not any(p.name.startswith("o") for p in tmp_path.iterdir() if p.name not in ("other.json",)
                    and not p.name.startswith("other")), sorted(p.name for p in tmp_path.iterdir())
+
+
+def test_sentencepiece_model_exports_with_the_same_ids(tmp_path):
+    """The default flow (a trained sentencepiece model) exports a tokenizer.json transformers encodes identically."""
+    from _eval_util import tiny_checkpoint, tokenized_slice
+
+    meta = tokenized_slice(tmp_path, "pool", docs=200, vocab_size=400)
+    model_dir = tiny_checkpoint(tmp_path / "model", {**meta, "vocab_size": 512})
+    main(["export", "hf", f"model={model_dir}", f"out={tmp_path / 'hf'}"])
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    from dsel.data.tokenizer import load_tokenizer
+
+    ours = load_tokenizer(meta["tokenizer"])
+    texts = bundled_texts("target", limit=30) + ["Ünïcödé  double  spaces\tand tabs ½ ﬁ", " lead", "emoji 🙂 x"]
+    assert [auto.encode(t, add_special_tokens=False) for t in texts] == ours.encode(texts)
+    assert auto.eos_token_id == ours.eod_id
+
+
+def test_readme_tokenize_then_train_works_as_written(tmp_path, monkeypatch):
+    """The README's Data and Train command lines, run verbatim (plus a short step count): the model's vocabulary
+    comes from the data (the trained tokenizer's, padded to 128), not from the preset."""
+    import shlex
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    lines = [line.split("#")[0].strip() for line in readme.splitlines()]
+    tokenize = [line for line in lines if line.startswith("dsel tokenize input=") and "data/pool.model" in line
+                or line.startswith("dsel tokenize input=corpus/*.jsonl.gz output=data/pool vocab_size=")]
+    train = next(line for line in lines if line.startswith("dsel train data=data/pool valid=data/valid"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "pool.jsonl.gz").write_bytes((BUNDLED / "pool.jsonl.gz").read_bytes())
+    for name, source in (("valid.jsonl", BUNDLED / "valid" / "science.jsonl.gz"), ("target.jsonl", BUNDLED / "target.jsonl.gz")):
+        with gzip.open(source, "rt") as f:
+            (tmp_path / name).write_text(f.read())
+    assert len(tokenize) == 3, tokenize
+    for line in tokenize:
+        main([arg for arg in shlex.split(line)[1:]])
+    main(shlex.split(train)[1:] + ["steps=2", "device=cpu"])
+    model, _ = load_model(tmp_path / "runs" / "prior" / "model")
+    data_vocab = read_meta(tmp_path / "data" / "pool")["vocab_size"]
+    assert model.config.vocab_size == -(-data_vocab // 128) * 128 != PRESETS["small-cpu"].vocab_size
+
+
+def test_one_long_document_trains_a_sentencepiece_model(tmp_path):
+    """A corpus of one long single-line document (longer than sentencepiece's 4192-byte sentence limit, which its
+    trainer silently drops): its text is cut at whitespace so the tokenizer trains on it."""
+    words = bundled_texts(limit=60)
+    corpus = tmp_path / "one.jsonl"
+    corpus.write_text(json.dumps({"text": " ".join(words)}) + "\n")
+    assert len(corpus.read_bytes()) > 10 * 4192
+    main(["tokenize", f"input={corpus}", f"output={tmp_path / 'one'}", "vocab_size=300", "workers=1"])
+    meta = read_meta(tmp_path / "one")
+    assert meta["num_documents"] == 1 and meta["vocab_size"] == 300
+
+
+def test_no_text_to_train_a_tokenizer_is_one_line(tmp_path, capsys):
+    from dsel.data.tokenizer import train_tokenizer
+    from dsel.errors import DselError
+
+    with pytest.raises(DselError, match="corpus.jsonl: no text to train the tokenizer on"):
+        train_tokenizer(iter(["  \n  "]), tmp_path / "t.model", 100, source="corpus.jsonl")
+    assert not (tmp_path / "t.model").exists()

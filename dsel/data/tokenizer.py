@@ -249,15 +249,30 @@ def save_for_transformers(tokenizer: Tokenizer, folder: str | os.PathLike, model
 def sentencepiece_to_tokenizers(tokenizer: SentencePieceTokenizer, out: Path) -> str:
     """Convert a sentencepiece model to a `tokenizer.json` (transformers' converter); returns the EOS token."""
     try:
-        from transformers.convert_slow_tokenizer import SpmConverter
-        SpmConverter.handle_byte_fallback = True
-        converted = SpmConverter(_SpmVocab(tokenizer)).converted()
+        converted = _spm_converter()(_SpmVocab(tokenizer)).converted()
     except ImportError as e:
-        raise DselError(f"{tokenizer.path}: converting a sentencepiece model for transformers needs {e.name} "
-                        f"(pip install protobuf)") from None
+        raise DselError(f"{tokenizer.path}: converting a sentencepiece model for transformers needs protobuf "
+                        f"({str(e).strip().splitlines()[0]})") from None
     converted.post_processor = None  # documents carry no BOS, as in dsel's data
     converted.save(str(out))
     return tokenizer._sp.id_to_piece(tokenizer.eod_id)
+
+
+def _spm_converter():
+    """transformers' SpmConverter with byte fallback on, and an extractor returning (vocab, merges) as the
+    converter's BPE branch expects (transformers 5's extractor returns a dict there)."""
+    from transformers.convert_slow_tokenizer import SentencePieceExtractor, SpmConverter
+
+    class Extractor(SentencePieceExtractor):
+        def extract(self, vocab_scores=None, **kwargs):
+            found = super().extract(None, **kwargs)
+            return (found["vocab"], found["merges"]) if isinstance(found, dict) else found
+
+    class Converter(SpmConverter):
+        SpmExtractor = Extractor
+        handle_byte_fallback = True
+
+    return Converter
 
 
 class _SpmVocab:
