@@ -312,9 +312,9 @@ def test_one_long_document_trains_a_sentencepiece_model(tmp_path):
     corpus = tmp_path / "one.jsonl"
     corpus.write_text(json.dumps({"text": " ".join(words)}) + "\n")
     assert len(corpus.read_bytes()) > 10 * 4192
-    main(["tokenize", f"input={corpus}", f"output={tmp_path / 'one'}", "vocab_size=300", "workers=1"])
+    main(["tokenize", f"input={corpus}", f"output={tmp_path / 'one'}", "vocab_size=600", "workers=1"])
     meta = read_meta(tmp_path / "one")
-    assert meta["num_documents"] == 1 and meta["vocab_size"] == 300
+    assert meta["num_documents"] == 1 and meta["vocab_size"] == 600
 
 
 def test_no_text_to_train_a_tokenizer_is_one_line(tmp_path, capsys):
