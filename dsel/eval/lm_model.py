@@ -119,22 +119,18 @@ class DselLM(TemplateLM):
 
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy continuation of each context until a stop string, EOD or max_gen_toks tokens."""
+        """Greedy continuation of each context until a stop string, EOD or max_gen_toks tokens (KV-cached decoding)."""
+        from dsel.models.generate import greedy_generate
+
         outputs = []
         for request in progress(requests, desc="generate_until", disable=disable_tqdm):
             context, gen_kwargs = request.args
             until = gen_kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
-            tokens = self.tok_encode(context) or [self.prefix_token_id]
-            generated: list[int] = []
-            for _ in range(int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))):
-                window = torch.tensor([(tokens + generated)[-self.max_length:]], device=self.device)
-                next_token = int(self.model(window)[0, -1].argmax())
-                if next_token == self.eot_token_id:
-                    break
-                generated.append(next_token)
-                if any(stop in self.tok_decode(generated) for stop in until):
-                    break
+            generated = greedy_generate(self.model, self.tok_encode(context) or [self.prefix_token_id],
+                                        int(gen_kwargs.get("max_gen_toks", self.max_gen_toks)),
+                                        stop=lambda ids: any(stop in self.tok_decode(ids) for stop in until),
+                                        eos_id=self.eot_token_id)
             text = self.tok_decode(generated)
             for stop in until:
                 text = text.split(stop)[0]
