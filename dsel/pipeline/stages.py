@@ -158,7 +158,8 @@ class Pipeline:
         data = self.cfg.data
         common = {"text_field": data.text_field, "id_field": data.id_field, "workers": data.workers}
         pool = resolve_input(data.pool, "pool.jsonl.gz")
-        meta = tokenize_corpus(TokenizeConfig(input=pool, output=str(out / "pool"), vocab_size=data.vocab_size, **common))
+        meta = tokenize_corpus(TokenizeConfig(input=pool, output=str(out / "pool"), vocab_size=data.vocab_size,
+                                              tokenizer=data.tokenizer, **common))
         write_domains(out / "pool", pool, data)
         inputs = {"target": resolve_input(data.target, "target.jsonl.gz"), **validation_inputs(data)}
         for name, path in inputs.items():
