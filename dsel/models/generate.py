@@ -4,32 +4,24 @@
 
 The cached step runs the model's own modules (norms, projections, MLP, head) and recomputes only
 the attention over cached keys and values, so it gives the tokens a full forward of the window
-gives (tested against it). A model with settings this module does not know (fields of GPTConfig
-added after it) is decoded by rerunning the window, which is always right. When the sequence
-outgrows the context, the window slides: the last `seq_len` tokens are prefilled again, exactly
-what rerunning the window would see.
+gives (tested against it). A model with settings beyond the core GPT (dsel.models.config.CORE_FIELDS)
+is decoded by rerunning the window, which is always right. When the sequence outgrows the context,
+the window slides: the last `seq_len` tokens are prefilled again, exactly what rerunning the window
+would see.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from dsel.models.config import GPTConfig
+from dsel.models.config import GPTConfig, settings_beyond_core
 from dsel.models.gpt import apply_rotary, rotary_frequencies
 
-# The GPTConfig fields whose effect the cached step reproduces; any other field must keep its default.
-KNOWN_FIELDS = {"vocab_size", "seq_len", "n_layer", "n_head", "n_query_groups", "d_model", "ffn_hidden", "activation",
-                "norm", "norm_eps", "bias", "tie_embeddings", "rope_base", "init_std"}
-
-
 def supports_cache(config: GPTConfig) -> bool:
-    """Whether the cached step computes what the model computes (no setting beyond KNOWN_FIELDS in use)."""
-    defaults = GPTConfig()
-    return all(getattr(config, f.name) == getattr(defaults, f.name)
-               for f in dataclasses.fields(GPTConfig) if f.name not in KNOWN_FIELDS)
+    """Whether the cached step computes what the model computes (no setting beyond the core GPT in use)."""
+    return not settings_beyond_core(config)
 
 
 def cached_forward(model, tokens: torch.Tensor, cache: list | None, offset: int) -> tuple[torch.Tensor, list]:

@@ -20,7 +20,6 @@ express (parallel residual, partial rotary, rope scaling, a head size other than
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -29,13 +28,10 @@ from pathlib import Path
 import torch
 
 from dsel.errors import DselError, file_error
-from dsel.models.config import GPTConfig
+from dsel.models.config import GPTConfig, settings_beyond_core
 
 LLAMA, NEOX = "llama", "gpt_neox"
 CLASSES = {LLAMA: "LlamaForCausalLM", NEOX: "GPTNeoXForCausalLM"}
-# GPTConfig fields the mapping carries; any other field must keep its default to be exported.
-MAPPED_FIELDS = {"vocab_size", "seq_len", "n_layer", "n_head", "n_query_groups", "d_model", "ffn_hidden", "activation",
-                 "norm", "norm_eps", "bias", "tie_embeddings", "rope_base", "init_std"}
 DSEL_META = "dsel_meta.json"  # the exported checkpoint's dsel meta (tokenizer identity, provenance)
 
 
@@ -55,9 +51,7 @@ def is_hf_folder(path: str | os.PathLike) -> bool:
 
 def hf_model_type(config: GPTConfig, source: str) -> str:
     """The transformers model_type that computes exactly what a dsel GPT of `config` computes."""
-    defaults = GPTConfig()
-    unmapped = [f.name for f in dataclasses.fields(GPTConfig)
-                if f.name not in MAPPED_FIELDS and getattr(config, f.name) != getattr(defaults, f.name)]
+    unmapped = settings_beyond_core(config)
     if unmapped:
         raise file_error(source, f"{unmapped[0]}={getattr(config, unmapped[0])!r} has no transformers equivalent here")
     if config.norm == "rmsnorm" and config.activation == "swiglu":
