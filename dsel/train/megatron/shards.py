@@ -16,7 +16,7 @@ from typing import Iterator, Mapping
 
 import torch
 
-from dsel.errors import file_error
+from dsel.errors import DselError, file_error
 from dsel.models.checkpoint import check_state_dict
 from dsel.models.config import GPTConfig
 from dsel.models.gpt import GPT, init_parameter_, parameter_generator
@@ -48,16 +48,54 @@ class SeededWeights(Mapping):
         return len(self.shapes)
 
 
+class SafetensorsWeights(Mapping):
+    """The tensors of a .safetensors file, each read from disk when it is asked for (and not kept)."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self.path = path
+        with safe_open(str(path), framework="pt") as f:
+            self.names = list(f.keys())
+            self.shapes = {name: torch.Size(f.get_slice(name).get_shape()) for name in self.names}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt") as f:
+            return f.get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
 def checkpoint_weights(path: str | Path, config: GPTConfig) -> Mapping[str, torch.Tensor]:
-    """A dsel checkpoint's weights, memory-mapped (a rank reads only the pages of its slices), checked to fit."""
-    weights = Path(path) / "model.pt"
-    if not weights.is_file():
-        raise file_error(weights, "model weights not found")
+    """An `init` checkpoint's weights, read lazily (a rank reads only the tensors of its stage), checked to fit.
+
+    model.safetensors is read tensor by tensor, a legacy model.pt is memory-mapped; a Hugging Face
+    folder is converted whole by dsel.models.hf (its tensors are renamed and split on the way).
+    """
+    from dsel.models import checkpoint, hf
+
+    path = Path(path)
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises many types for a corrupt file
-        raise file_error(weights, f"cannot be read as a torch state dict ({type(e).__name__})") from None
-    mismatch = check_state_dict(meta_gpt(config), state)
+        if hf.is_hf_folder(path):
+            state = hf.load_hf_state(path)
+        elif (path / checkpoint.WEIGHTS).is_file():
+            state = SafetensorsWeights(path / checkpoint.WEIGHTS)
+        elif (path / checkpoint.LEGACY_WEIGHTS).is_file():
+            state = torch.load(path / checkpoint.LEGACY_WEIGHTS, map_location="cpu", weights_only=True, mmap=True)
+        else:
+            raise file_error(path / checkpoint.WEIGHTS, "model weights not found")
+    except DselError:
+        raise
+    except Exception as e:  # safetensors and torch raise many types for a corrupt file
+        raise file_error(path, f"cannot be read as model weights ({type(e).__name__})") from None
+    shapes = state.shapes if isinstance(state, SafetensorsWeights) else {k: v.shape for k, v in state.items()}
+    mismatch = check_state_dict(meta_gpt(config), {k: torch.empty(v, device="meta") for k, v in shapes.items()})
     if mismatch:
         raise file_error(path, f"checkpoint from another architecture: {mismatch}")
     return state
