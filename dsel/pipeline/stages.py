@@ -158,8 +158,8 @@ class Pipeline:
         data = self.cfg.data
         common = {"text_field": data.text_field, "id_field": data.id_field, "workers": data.workers}
         pool = resolve_input(data.pool, "pool.jsonl.gz")
-        meta = tokenize_corpus(TokenizeConfig(input=pool, output=str(out / "pool"), vocab_size=data.vocab_size, **common))
-        write_domains(out / "pool", pool, data)
+        meta = tokenize_corpus(TokenizeConfig(input=pool, output=str(out / "pool"), vocab_size=data.vocab_size,
+                                              domain_field=data.domain_field, **common))
         inputs = {"target": resolve_input(data.target, "target.jsonl.gz"), **validation_inputs(data)}
         for name, path in inputs.items():
             prefix = out / name if name == "target" else out / "valid" / name
@@ -293,20 +293,3 @@ def validation_inputs(data) -> dict[str, str]:
         raise DselError(f"run config: data.target_valid={data.target_valid!r} is not one of data.valid "
                         f"({', '.join(sets)})")
     return sets
-
-
-def write_domains(prefix: Path, source: str, data) -> None:
-    """`<prefix>.domains.jsonl`: the domain of every tokenized document (joined by document id)."""
-    from dsel.data.docids import domains_path, read_doc_ids, write_document_strings
-    from dsel.data.tokenize import JSONL_SUFFIXES, input_files, read_jsonl
-
-    files = input_files(source)
-    if not data.domain_field or not data.id_field or not all(f.name.endswith(JSONL_SUFFIXES) for f in files):
-        log.info("no per-document domains (needs jsonl input with id and domain fields)")
-        return
-    domains = {doc_id: domain for path in files for doc_id, domain in read_jsonl(path, data.domain_field, data.id_field)}
-    ids = read_doc_ids(str(prefix))
-    missing = [i for i in ids if i not in domains]
-    if missing:
-        raise DselError(f"{source}: document {missing[0]} has no '{data.domain_field}' field")
-    write_document_strings(domains_path(prefix), (domains[i] for i in ids))
