@@ -218,7 +218,8 @@ def _encode_my_shards(shards, directory: Path, tokenizer, dtype, cfg: TokenizeCo
     from dsel.data.shards import Job, fingerprint, remove_stale, run_jobs, shard_done
 
     mine = [s for s in shards if s.index % world == rank]
-    prints = {s.index: fingerprint(s, tokenizer.sha256, settings) for s in mine}
+    sha256 = tokenizer.sha256
+    prints = {s.index: fingerprint(s, sha256, settings) for s in mine}
     done = {s.index for s in mine if shard_done(directory, s.index, prints[s.index])}
     directory.mkdir(parents=True, exist_ok=True)
     remove_stale(directory, lambda k: k in done or (k % world != rank and k < len(shards)))
