@@ -54,7 +54,7 @@ def model(tmp_path_factory):
     root = tmp_path_factory.mktemp("model")
     docs = texts(60)
     (root / "c.jsonl").write_bytes(jsonl_bytes(records(docs)))
-    tokenize(input=root / "c.jsonl", output=root / "c", vocab_size=320)
+    tokenize(input=root / "c.jsonl", out=root / "c", vocab_size=320)
     return str(root / "c.model"), docs
 
 
@@ -73,13 +73,13 @@ def test_every_format_gives_identical_bin_idx(model, tmp_path):
         f.write(jsonl_bytes(rows))
     inputs = [tmp_path / "a.jsonl.zst", tmp_path / "a.jsonl.gz", tmp_path / "a.parquet", tmp_path / "hf",
               "memory://corpus/a.jsonl", f"file://{tmp_path}/a.jsonl"]
-    tokenize(input=tmp_path / "a.jsonl", output=tmp_path / "ref", tokenizer=model_path, id_field="uid")
+    tokenize(input=tmp_path / "a.jsonl", out=tmp_path / "ref", tokenizer=model_path, id_field="uid")
     reference = outputs(tmp_path / "ref")
     sp = spm.SentencePieceProcessor(model_file=model_path)
     ds = IndexedDataset(tmp_path / "ref")
     assert [ds[i].tolist() for i in range(len(ds))] == [sp.encode(t) + [sp.eos_id()] for t in docs]
     for k, source in enumerate(inputs):
-        tokenize(input=source, output=tmp_path / f"o{k}", tokenizer=model_path, id_field="uid", workers=1)
+        tokenize(input=source, out=tmp_path / f"o{k}", tokenizer=model_path, id_field="uid", workers=1)
         assert outputs(tmp_path / f"o{k}") == reference, source
         assert read_doc_ids(tmp_path / f"o{k}") == [r["uid"] for r in rows]
 
@@ -92,8 +92,8 @@ def test_split_files_and_workers_match_one_pass(model, tmp_path):
     (tmp_path / "c").mkdir()
     (tmp_path / "c/a.jsonl").write_bytes(text)
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "c/b.parquet", row_group_size=5)
-    tokenize(input=tmp_path / "c", output=tmp_path / "one", tokenizer=model_path, workers=1)
-    tokenize(input=tmp_path / "c", output=tmp_path / "split", tokenizer=model_path, workers=2, shard_bytes=500,
+    tokenize(input=tmp_path / "c", out=tmp_path / "one", tokenizer=model_path, workers=1)
+    tokenize(input=tmp_path / "c", out=tmp_path / "split", tokenizer=model_path, workers=2, shard_bytes=500,
              keep_shards=True)
     assert outputs(tmp_path / "split") == outputs(tmp_path / "one")
     assert len(list((tmp_path / "split.shards").glob("*.done.json"))) > 4
@@ -108,14 +108,14 @@ def test_ids_unique_across_folders_and_metadata_passes_through(model, tmp_path):
     for folder, part in (("a", docs[:20]), ("b", docs[20:40])):
         (tmp_path / "in" / folder).mkdir(parents=True)
         (tmp_path / "in" / folder / "part-0.jsonl").write_bytes(jsonl_bytes(records(part)))
-    main(["tokenize", f"input={tmp_path / 'in'}", f"output={tmp_path / 'o'}", f"tokenizer={model_path}",
+    main(["tokenize", f"input={tmp_path / 'in'}", f"out={tmp_path / 'o'}", f"tokenizer={model_path}",
           "domain_field=dom", "keep_fields=[url, uid]"])
     ids = read_doc_ids(tmp_path / "o", expected=40)
     assert ids == [f"a/part-0.jsonl:{i}" for i in range(20)] + [f"b/part-0.jsonl:{i}" for i in range(20)]
     assert read_document_strings(tmp_path / "o.domains.jsonl", 40) == ["ab"[i % 2] for i in range(20)] * 2
     fields = [json.loads(line) for line in open(fields_path(tmp_path / "o"))]
     assert fields[21] == {"url": "http://x/1", "uid": "u1"}
-    glob_ids = (tokenize(input=f"{tmp_path}/in/*/part-0.jsonl", output=tmp_path / "g", tokenizer=model_path), read_doc_ids(tmp_path / "g"))[1]
+    glob_ids = (tokenize(input=f"{tmp_path}/in/*/part-0.jsonl", out=tmp_path / "g", tokenizer=model_path), read_doc_ids(tmp_path / "g"))[1]
     assert glob_ids == ids
 
 
@@ -139,7 +139,7 @@ def _bad_inputs(d):
 def test_bad_inputs_are_one_line_naming_the_file(model, tmp_path, capsys):
     for name, message in _bad_inputs(tmp_path).items():
         with pytest.raises(SystemExit) as info:
-            main(["tokenize", f"input={tmp_path / name}", f"output={tmp_path / 'out/x'}", f"tokenizer={model[0]}"])
+            main(["tokenize", f"input={tmp_path / name}", f"out={tmp_path / 'out/x'}", f"tokenizer={model[0]}"])
         assert info.value.code == 2
         err = capsys.readouterr().err
         last = err.strip().splitlines()[-1]
@@ -154,9 +154,9 @@ def test_kill_then_rerun_resumes_without_redoing_finished_shards(model, tmp_path
         (tmp_path / "in" / f"f{k:02d}.jsonl").write_bytes(jsonl_bytes(records(texts(40, seed=k))))
     largest = max(p.stat().st_size for p in (tmp_path / "in").iterdir())  # one file per shard
     args = [f"input={tmp_path / 'in'}", f"tokenizer={model_path}", "workers=1", f"shard_bytes={largest}", "keep_shards=true"]
-    main(["tokenize", *args, f"output={tmp_path / 'whole'}"])
+    main(["tokenize", *args, f"out={tmp_path / 'whole'}"])
     env = {**os.environ, "DSEL_PROGRESS": "0"}
-    command = [sys.executable, "-m", "dsel", "tokenize", *args, f"output={tmp_path / 'killed'}"]
+    command = [sys.executable, "-m", "dsel", "tokenize", *args, f"out={tmp_path / 'killed'}"]
     proc = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
     shards = tmp_path / "killed.shards"
     deadline = time.time() + 120

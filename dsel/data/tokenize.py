@@ -3,10 +3,10 @@
 Reads what `dsel.data.readers` reads (jsonl/json/txt, optionally .gz/.zst, parquet, arrow, a
 save_to_disk folder; local paths or fsspec URLs); trains a sentencepiece model (or loads one);
 encodes in resumable shards over worker processes and torchrun ranks (`dsel.data.shards`);
-appends EOD (the model's EOS id) to every document; writes `<output>.bin/.idx`, the document-id
-sidecar `<output>.docids.jsonl` (the id field, else `<path relative to the input root>:<record>`),
-`<output>.domains.jsonl` with `domain_field`, `<output>.fields.jsonl` with `keep_fields`, and
-`<output>.meta.json` (vocabulary size, tokenizer path and sha256, dtype, EOD id).
+appends EOD (the model's EOS id) to every document; writes `<out>.bin/.idx`, the document-id
+sidecar `<out>.docids.jsonl` (the id field, else `<path relative to the input root>:<record>`),
+`<out>.domains.jsonl` with `domain_field`, `<out>.fields.jsonl` with `keep_fields`, and
+`<out>.meta.json` (vocabulary size, tokenizer path and sha256, dtype, EOD id).
 """
 from __future__ import annotations
 
@@ -33,21 +33,21 @@ log = logging.getLogger(__name__)
 class TokenizeConfig:
     input: str = option(help="corpus: a file, directory, glob or save_to_disk folder (jsonl/json/txt[.gz|.zst], parquet, "
                              "arrow), local or an fsspec URL (file://, memory://, s3://, hf://)")
-    output: str = option(help="output prefix: writes <output>.bin/.idx/.docids.jsonl/.meta.json")
-    tokenizer: str = option("", "sentencepiece .model to load; empty: train one and save it as <output>.model")
+    out: str = option(help="output prefix: writes <out>.bin/.idx/.docids.jsonl/.meta.json", aliases=("output",))
+    tokenizer: str = option("", "sentencepiece .model to load; empty: train one and save it as <out>.model")
     vocab_size: int = option(8000, "vocabulary size when training the tokenizer (an upper bound on tiny corpora)")
     model_type: Literal["bpe", "unigram"] = option("bpe", "sentencepiece model type when training")
     train_docs: int = option(50000, "documents sampled from the start of the corpus to train the tokenizer")
     text_field: str = option("text", "jsonl/parquet field holding the document text")
     id_field: str = option("", "field holding the document id; empty: <path relative to the input root>:<record number>")
-    domain_field: str = option("", "field naming each document's domain, written to <output>.domains.jsonl; empty: none")
-    keep_fields: list[str] = option([], "source fields passed through to <output>.fields.jsonl (one object per document)")
+    domain_field: str = option("", "field naming each document's domain, written to <out>.domains.jsonl; empty: none")
+    keep_fields: list[str] = option([], "source fields passed through to <out>.fields.jsonl (one object per document)")
     text_unit: Literal["line", "file"] = option("line", "plain text: one document per non-empty line, or per file")
     workers: int = option(2, "encoding worker processes (per torchrun rank)")
     chunk_docs: int = option(256, "documents encoded per tokenizer call")
     shard_bytes: int = option(64 << 20, "input bytes per shard (the unit of parallel work and of resume; large "
                                         "uncompressed jsonl/txt and parquet files are split)")
-    keep_shards: bool = option(False, "keep <output>.shards/ (per-shard datasets and completion markers) after the merge")
+    keep_shards: bool = option(False, "keep <out>.shards/ (per-shard datasets and completion markers) after the merge")
 
 
 class Tokenizer:
@@ -119,7 +119,7 @@ def train_tokenizer(files: list[Path], cfg: TokenizeConfig, model_path: str | os
 # ---- the command ----
 
 def tokenize_corpus(cfg: TokenizeConfig) -> dict:
-    """Run the whole command (this rank's shards; rank 0 merges); returns the metadata of `<output>.meta.json`."""
+    """Run the whole command (this rank's shards; rank 0 merges); returns the metadata of `<out>.meta.json`."""
     from dsel.data.indexed import IndexedDataset, best_dtype
     from dsel.data.meta import write_meta
     from dsel.data.readers import settings_of
@@ -136,13 +136,13 @@ def tokenize_corpus(cfg: TokenizeConfig) -> dict:
         tokenizer = _shared_tokenizer(files, cfg, rank, world)
         dtype = np.dtype(best_dtype(tokenizer.vocab_size))
         shards = plan_shards(files, cfg.shard_bytes, settings)
-        directory = shards_dir(cfg.output)
+        directory = shards_dir(cfg.out)
         _encode_my_shards(shards, directory, tokenizer, dtype, cfg, settings, rank, world)
         _barrier(world)
         if rank != 0:
             return {}
-        counts = merge_shards(directory, shards, cfg.output, settings)
-        dataset = IndexedDataset(cfg.output, vocab_size=tokenizer.vocab_size)  # re-read, check every token id
+        counts = merge_shards(directory, shards, cfg.out, settings)
+        dataset = IndexedDataset(cfg.out, vocab_size=tokenizer.vocab_size)  # re-read, check every token id
         meta = {
             "vocab_size": tokenizer.vocab_size,
             "tokenizer": str(Path(tokenizer.path).resolve()),
@@ -158,10 +158,10 @@ def tokenize_corpus(cfg: TokenizeConfig) -> dict:
             "keep_fields": list(cfg.keep_fields),
             "shards": len(shards),
         }
-        write_meta(cfg.output, meta)
+        write_meta(cfg.out, meta)
         if not cfg.keep_shards:
             shutil.rmtree(directory, ignore_errors=True)
-        log.info("wrote %s: %d documents, %d tokens", cfg.output, meta["num_documents"], meta["num_tokens"])
+        log.info("wrote %s: %d documents, %d tokens", cfg.out, meta["num_documents"], meta["num_tokens"])
         return meta
     finally:
         if created:
@@ -199,8 +199,8 @@ def _shared_tokenizer(files, cfg: TokenizeConfig, rank: int, world: int) -> Toke
 
     if cfg.tokenizer:
         return load_tokenizer(cfg.tokenizer)
-    model_path = Path(f"{cfg.output}.model")
-    record = shards_dir(cfg.output) / "tokenizer.json"
+    model_path = Path(f"{cfg.out}.model")
+    record = shards_dir(cfg.out) / "tokenizer.json"
     if rank == 0:
         reusable = model_path.is_file() and record.is_file() and read_json(record).get("sha256") == file_sha256(model_path)
         if reusable:

@@ -158,12 +158,12 @@ class Pipeline:
         data = self.cfg.data
         common = {"text_field": data.text_field, "id_field": data.id_field, "workers": data.workers}
         pool = resolve_input(data.pool, "pool.jsonl.gz")
-        meta = tokenize_corpus(TokenizeConfig(input=pool, output=str(out / "pool"), vocab_size=data.vocab_size,
+        meta = tokenize_corpus(TokenizeConfig(input=pool, out=str(out / "pool"), vocab_size=data.vocab_size,
                                               domain_field=data.domain_field, **common))
         inputs = {"target": resolve_input(data.target, "target.jsonl.gz"), **validation_inputs(data)}
         for name, path in inputs.items():
             prefix = out / name if name == "target" else out / "valid" / name
-            tokenize_corpus(TokenizeConfig(input=path, output=str(prefix), tokenizer=meta["tokenizer"], **common))
+            tokenize_corpus(TokenizeConfig(input=path, out=str(prefix), tokenizer=meta["tokenizer"], **common))
 
     def train(self, name: str, settings: dict, after: list[str]) -> Path:
         """A `dsel train` run as a stage; returns its checkpoint directory."""
@@ -245,11 +245,11 @@ class Pipeline:
 
         checkpoint = str(self.runner.path(f"pretrain/{arm}") / "model")
         sets = {name: str(self.data / "valid" / name) for name in validation_inputs(self.cfg.data)}
-        run_loss(EvalLossConfig(checkpoint=checkpoint, data=sets, out=str(out / "heldout_loss.json"),
+        run_loss(EvalLossConfig(model=checkpoint, data=sets, out=str(out / "heldout_loss.json"),
                                 batch_size=self.cfg.eval.batch_size, max_batches=self.cfg.eval.max_batches,
                                 device=self.cfg.device))
         if self.cfg.eval.lm_eval_tasks:
-            run_lm_eval(LmEvalConfig(checkpoint=checkpoint, tasks=list(self.cfg.eval.lm_eval_tasks),
+            run_lm_eval(LmEvalConfig(model=checkpoint, tasks=list(self.cfg.eval.lm_eval_tasks),
                                      builtin_tasks=self.cfg.eval.builtin_tasks, device=self.cfg.device,
                                      batch_size=self.cfg.eval.batch_size, out=str(out / "lm_eval.json")))
 
