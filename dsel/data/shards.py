@@ -116,7 +116,7 @@ _tokenizers: dict = {}
 
 
 def _tokenizer(path: str):
-    from dsel.data.tokenize import load_tokenizer
+    from dsel.data.tokenizer import load_tokenizer
 
     if path not in _tokenizers:
         _tokenizers[path] = load_tokenizer(path)

@@ -1,17 +1,17 @@
 """`dsel tokenize`: corpus files -> tokens -> one Megatron indexed dataset.
 
 Reads what `dsel.data.readers` reads (jsonl/json/txt, optionally .gz/.zst, parquet, arrow, a
-save_to_disk folder; local paths or fsspec URLs); trains a sentencepiece model (or loads one);
+save_to_disk folder; local paths or fsspec URLs); loads a tokenizer (sentencepiece or Hugging Face,
+see dsel.data.tokenizer) or trains a sentencepiece model;
 encodes in resumable shards over worker processes and torchrun ranks (`dsel.data.shards`);
 appends EOD (the model's EOS id) to every document; writes `<out>.bin/.idx`, the document-id
 sidecar `<out>.docids.jsonl` (the id field, else `<path relative to the input root>:<record>`),
 `<out>.domains.jsonl` with `domain_field`, `<out>.fields.jsonl` with `keep_fields`, and
-`<out>.meta.json` (vocabulary size, tokenizer path and sha256, dtype, EOD id).
+`<out>.meta.json` (the tokenizer's identity: kind, path, sha256, vocabulary size, EOD id; the dtype).
 """
 from __future__ import annotations
 
-import hashlib
-import io
+import itertools
 import logging
 import os
 import shutil
@@ -23,8 +23,9 @@ import numpy as np
 
 from dsel.config import option
 from dsel.data.readers import input_files, read_documents
-from dsel.errors import DselError, file_error
-from dsel.io import atomic_path, read_json, require_file, write_json
+from dsel.data.tokenizer import Tokenizer, file_sha256, load_tokenizer, train_tokenizer
+from dsel.errors import DselError
+from dsel.io import read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,8 @@ class TokenizeConfig:
     input: str = option(help="corpus: a file, directory, glob or save_to_disk folder (jsonl/json/txt[.gz|.zst], parquet, "
                              "arrow), local or an fsspec URL (file://, memory://, s3://, hf://)")
     out: str = option(help="output prefix: writes <out>.bin/.idx/.docids.jsonl/.meta.json", aliases=("output",))
-    tokenizer: str = option("", "sentencepiece .model to load; empty: train one and save it as <out>.model")
+    tokenizer: str = option("", "tokenizer to load: a sentencepiece .model, a Hugging Face tokenizer.json or a "
+                                "save_pretrained folder; empty: train a sentencepiece model, saved as <out>.model")
     vocab_size: int = option(8000, "vocabulary size when training the tokenizer (an upper bound on tiny corpora)")
     model_type: Literal["bpe", "unigram"] = option("bpe", "sentencepiece model type when training")
     train_docs: int = option(50000, "documents sampled from the start of the corpus to train the tokenizer")
@@ -50,70 +52,12 @@ class TokenizeConfig:
     keep_shards: bool = option(False, "keep <out>.shards/ (per-shard datasets and completion markers) after the merge")
 
 
-class Tokenizer:
-    """A sentencepiece model: `encode(texts) -> list[list[int]]`, `vocab_size`, `eod_id` (its EOS)."""
-
-    def __init__(self, path: str | os.PathLike):
-        import sentencepiece as spm
-
-        self.path = str(require_file(path, "tokenizer model"))
-        try:
-            self._sp = spm.SentencePieceProcessor(model_file=self.path)
-        except (RuntimeError, OSError) as e:
-            raise file_error(self.path, f"not a sentencepiece model ({str(e).splitlines()[0]})") from None
-        self.vocab_size: int = self._sp.get_piece_size()
-        self.eod_id: int = self._sp.eos_id()
-        if self.eod_id < 0:
-            raise file_error(self.path, "the sentencepiece model has no EOS piece to use as end-of-document")
-
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        return self._sp.encode(list(texts))
-
-    def decode(self, ids) -> str:
-        return self._sp.decode([int(i) for i in ids])
-
-    @property
-    def sha256(self) -> str:
-        return file_sha256(self.path)
-
-
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Load a sentencepiece model (DselError naming the file if missing or not a model)."""
-    return Tokenizer(path)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # ---- training the tokenizer ----
 
-def train_tokenizer(files: list[Path], cfg: TokenizeConfig, model_path: str | os.PathLike) -> Tokenizer:
-    """Train a sentencepiece model on the first `train_docs` documents (lines as sentences)."""
-    import sentencepiece as spm
-
-    def sentences():
-        for k, (_, text) in enumerate(read_documents(files, cfg)):
-            if k >= cfg.train_docs:
-                return
-            yield from (line for line in text.split("\n") if line.strip())
-
-    model = io.BytesIO()
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=sentences(), model_writer=model, vocab_size=cfg.vocab_size, model_type=cfg.model_type,
-            hard_vocab_limit=False, character_coverage=1.0, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-            num_threads=max(1, cfg.workers), minloglevel=2,
-        )
-    except RuntimeError as e:
-        raise DselError(f"{cfg.input}: tokenizer training failed ({str(e).splitlines()[0]})") from None
-    with atomic_path(model_path) as tmp:
-        tmp.write_bytes(model.getvalue())
-    return Tokenizer(model_path)
+def train_corpus_tokenizer(files: list, cfg: TokenizeConfig, model_path: str | os.PathLike) -> Tokenizer:
+    """Train a sentencepiece model on the first `train_docs` documents of the corpus."""
+    texts = (text for _, text in itertools.islice(read_documents(files, cfg), cfg.train_docs))
+    return train_tokenizer(texts, model_path, cfg.vocab_size, cfg.model_type, cfg.workers, cfg.input)
 
 
 # ---- the command ----
@@ -144,11 +88,8 @@ def tokenize_corpus(cfg: TokenizeConfig) -> dict:
         counts = merge_shards(directory, shards, cfg.out, settings)
         dataset = IndexedDataset(cfg.out, vocab_size=tokenizer.vocab_size)  # re-read, check every token id
         meta = {
-            "vocab_size": tokenizer.vocab_size,
-            "tokenizer": str(Path(tokenizer.path).resolve()),
-            "tokenizer_sha256": tokenizer.sha256,
+            **tokenizer.identity(),
             "dtype": dtype.name,
-            "eod_id": tokenizer.eod_id,
             "num_documents": counts["num_documents"],
             "num_tokens": dataset.num_tokens,
             "inputs": [f.url for f in files],
@@ -207,7 +148,7 @@ def _shared_tokenizer(files, cfg: TokenizeConfig, rank: int, world: int) -> Toke
             log.info("resuming with the tokenizer %s trained by the interrupted run", model_path)
         else:
             log.info("training a %s tokenizer (vocab_size %d) on %s", cfg.model_type, cfg.vocab_size, cfg.input)
-            train_tokenizer(files, cfg, model_path)
+            train_corpus_tokenizer(files, cfg, model_path)
             write_json(record, {"sha256": file_sha256(model_path)})
     _barrier(world)
     return load_tokenizer(model_path)

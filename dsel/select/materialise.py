@@ -157,6 +157,6 @@ def corpus_decoder(windows: Windows):
     model = read_meta(prefix).get("tokenizer")
     if not model or not Path(model).is_file():
         return None
-    from dsel.data.tokenize import load_tokenizer
+    from dsel.data.tokenizer import load_tokenizer
 
     return load_tokenizer(model).decode
