@@ -173,3 +173,18 @@ def test_kill_then_rerun_resumes_without_redoing_finished_shards(model, tmp_path
     assert read_doc_ids(tmp_path / "killed") == read_doc_ids(tmp_path / "whole")
     assert {n: (shards / n).stat().st_mtime_ns for n in finished} == finished  # finished shards untouched
     assert not [p for p in shards.iterdir() if ".tmp-" in p.name]
+
+
+def test_torchrun_ranks_share_the_shards(model, tmp_path):
+    model_path, _ = model
+    (tmp_path / "in").mkdir()
+    for k in range(4):
+        (tmp_path / "in" / f"f{k}.jsonl").write_bytes(jsonl_bytes(records(texts(30, seed=k))))
+    args = [f"input={tmp_path / 'in'}", f"tokenizer={model_path}", "workers=1", "shard_bytes=3000"]
+    main(["tokenize", *args, f"out={tmp_path / 'one'}"])
+    env = {**os.environ, "DSEL_PROGRESS": "0"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dsel",
+                    "tokenize", *args, f"out={tmp_path / 'two'}"], env=env, check=True, timeout=300,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert outputs(tmp_path / "two") == outputs(tmp_path / "one")
+    assert read_doc_ids(tmp_path / "two") == read_doc_ids(tmp_path / "one")
