@@ -115,6 +115,11 @@ def test_ids_unique_across_folders_and_metadata_passes_through(model, tmp_path):
     assert read_document_strings(tmp_path / "o.domains.jsonl", 40) == ["ab"[i % 2] for i in range(20)] * 2
     fields = [json.loads(line) for line in open(fields_path(tmp_path / "o"))]
     assert fields[21] == {"url": "http://x/1", "uid": "u1"}
+    assert not list(tmp_path.glob("o.shards"))  # removed after the merge
+    (tmp_path / "in" / "x.shards").mkdir()  # a work folder of another tokenize inside the input is not read
+    (tmp_path / "in" / "x.shards" / "shard-00000.docs.jsonl").write_text('{"p": 0, "r": 0}\n')
+    main(["tokenize", f"input={tmp_path / 'in'}", f"out={tmp_path / 'o2'}", f"tokenizer={model_path}"])
+    assert read_doc_ids(tmp_path / "o2") == ids
     glob_ids = (tokenize(input=f"{tmp_path}/in/*/part-0.jsonl", out=tmp_path / "g", tokenizer=model_path), read_doc_ids(tmp_path / "g"))[1]
     assert glob_ids == ids
 
@@ -126,6 +131,8 @@ def _bad_inputs(d):
     (d / "plain.jsonl.gz").write_bytes(good)
     (d / "latin1.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
     pq.write_table(pa.table({"text": [1, 2, 3]}), d / "ints.parquet")
+    (d / "dict").mkdir()
+    (d / "dict" / "dataset_dict.json").write_text('{"splits": ["train", "test"]}')
     return {
         "trunc.jsonl.gz": "trunc.jsonl.gz: truncated compressed file",
         "trunc.jsonl.zst": "trunc.jsonl.zst: ",
@@ -133,6 +140,7 @@ def _bad_inputs(d):
         "latin1.jsonl": "latin1.jsonl: line 2 is not UTF-8 text (byte 0xe9",
         "ints.parquet": "ints.parquet: column 'text' holds int64, not text",
         "nothing*.jsonl": "nothing*.jsonl: the glob matches no files",
+        "dict": "dict: a DatasetDict folder (splits: train, test); give one split's folder",
     }
 
 

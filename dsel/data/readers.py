@@ -30,6 +30,7 @@ COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 LINE_KINDS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".txt": "text"}
 TABLE_KINDS = {".parquet": "parquet", ".arrow": "arrow"}
 OWN_OUTPUT_SUFFIXES = (".docids.jsonl", ".domains.jsonl", ".fields.jsonl", ".meta.json")  # never an input
+OWN_SHARDS = ".shards/"  # `dsel tokenize`'s work folder (dsel.data.shards): never an input
 HF_STATE = "state.json"
 HF_DATASET_DICT = "dataset_dict.json"
 KNOWN = ".jsonl, .json, .ndjson, .txt (each optionally .gz/.zst), .parquet, .arrow or a save_to_disk folder"
@@ -108,7 +109,7 @@ def input_files(pattern: str) -> list[InputFile]:
         root = path.rstrip("/")
         paths = _hf_arrow_files(fs, root, pattern)
         if paths is None:
-            paths = sorted(p for p in fs.find(root) if _kind(p) is not None)
+            paths = sorted(p for p in fs.find(root) if _kind(p) is not None and OWN_SHARDS not in p)
         if not paths:
             raise DselError(f"{pattern}: no input files found in the directory (expected {KNOWN})")
     elif fs.isfile(path):
