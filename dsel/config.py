@@ -6,7 +6,8 @@ metadata (`field(default=..., metadata={"help": ...})`, or the shorthand `option
 checks every key and type, and returns a `Cls`. A typo gets a one-line error naming the file,
 the key and the closest valid name; a bad value given on the command line is blamed on the
 command line. A field renamed in a release keeps its old name as an alias for one release:
-`option(..., aliases=("output",))` accepts `output=` with a one-line deprecation warning.
+`option(..., aliases=("output",))` accepts `output=` with a one-line deprecation warning; a removed
+setting listed in the class's `REMOVED_OPTIONS` ({name: why}) is ignored with a warning.
 """
 from __future__ import annotations
 
@@ -78,7 +79,12 @@ def from_dict(cls: type, data: dict, source: str = "<config>", prefix: str = "")
     renamed = {old: f.name for f in fields.values() for old in f.metadata.get("aliases", ())}
     hints = typing.get_type_hints(cls)
     kwargs = {}
+    removed = getattr(cls, "REMOVED_OPTIONS", {})
     for key, value in data.items():
+        if key in removed and key not in fields:
+            log.warning("%s: '%s%s' has no effect any more and will be refused in the next release (%s)",
+                        _where(source, prefix + key), prefix, key, removed[key])
+            continue
         if key in renamed and key not in fields:
             new = renamed[key]
             log.warning("%s: '%s%s' is deprecated and will be removed; use '%s%s'", _where(source, prefix + key),

@@ -118,3 +118,11 @@ def test_cli_global_options_anywhere_and_print_config(capsys):
     assert printed["input"] == "c.jsonl" and printed["out"] == "d/c" and printed["workers"] == 2
     main(["--log-level", "ERROR", "select", "scores=s", "--print-config"])
     assert yaml.safe_load(capsys.readouterr().out)["method"] == "gumbel"
+
+
+def test_removed_option_is_ignored_with_a_warning(caplog):
+    from dsel.select.commands import SelectConfig
+
+    cfg = load_config(SelectConfig, None, ["scores=s", "shards=16"])
+    assert cfg.scores == "s" and not hasattr(cfg, "shards")
+    assert "command line: 'shards' has no effect any more" in caplog.text

@@ -96,7 +96,9 @@ class MemmapTokens:
 
 def npy_header(path: str) -> tuple[np.dtype, int] | None:
     """(dtype, header bytes) of a `.npy` file holding a 1-D uint16/uint32 token array; None for a
-    headerless file; a DselError for any other .npy."""
+    headerless file (or none at all: the native reader names it); a DselError for any other .npy."""
+    if not os.path.isfile(path):
+        return None
     with open(path, "rb") as f:
         if f.read(len(NPY_MAGIC)) != NPY_MAGIC:
             return None

@@ -53,6 +53,9 @@ class SelectConfig:
     kept_text: bool = option(True, "kept.parquet: add each window's text (decoded with the corpus tokenizer, when at hand)")
     chunk_rows: int = option(1 << 20, "score rows read at a time (memory bound of the streaming passes)")
 
+    REMOVED_OPTIONS = {"shards": "the selection is written once, straight into data/selected",
+                       "workers": "the selection is written once, straight into data/selected"}
+
 
 def check_settings(cfg: SelectConfig) -> None:
     """One-line errors for settings that cannot work, before any file is read."""
