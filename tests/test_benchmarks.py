@@ -105,3 +105,12 @@ def test_tokenize_benchmark(tmp_path, capsys):
     assert [r["workers"] for r in rows] == [1, 2]
     assert all(r["dsel"]["docs"] == r["megatron"]["docs"] == 120 and r["dsel_over_megatron"] > 0 for r in rows)
     assert "dsel/megatron" in capsys.readouterr().out
+
+def test_generate_benchmark(tmp_path, capsys):
+    bench = load_benchmark("generate")
+    out = tmp_path / "bench.json"
+    bench.main(["--device", "cpu", "--preset", "tiny", "--prompt", "10", "--new-tokens", "4", "--repeats", "1",
+                "--out", str(out)])
+    result = read_json(out)
+    assert set(result["rows"]) == {"kv cache", "rerun window"} and result["speed_ratio"] > 0
+    assert "ratios:" in capsys.readouterr().out
