@@ -106,6 +106,7 @@ def test_tokenize_benchmark(tmp_path, capsys):
     assert all(r["dsel"]["docs"] == r["megatron"]["docs"] == 120 and r["dsel_over_megatron"] > 0 for r in rows)
     assert "dsel/megatron" in capsys.readouterr().out
 
+
 def test_generate_benchmark(tmp_path, capsys):
     bench = load_benchmark("generate")
     out = tmp_path / "bench.json"
