@@ -265,7 +265,12 @@ class Pipeline:
                 row["lm_eval"] = {task: {k: v for k, v in m.items() if isinstance(v, float) and "stderr" not in k}
                                   for task, m in read_json(ev / "lm_eval.json")["results"].items()}
             rows[arm] = row
-        return {"target": self.cfg.data.target_valid, "arms": rows, "timings": self.runner.timings()}
+        results = {"target": self.cfg.data.target_valid, "arms": rows, "timings": self.runner.timings()}
+        if "pds" in self.cfg.methods:
+            fit = read_json(self.runner.path("pds/fit") / "scorer" / "meta.json")["pds_fit"]
+            results["pds_scorer"] = {"target_kind": fit["target_kind"], "val_spearman": fit["val"]["spearman"],
+                                     "val_pearson": fit["val"]["pearson"], "best_step": fit["best_step"]}
+        return results
 
     def report(self) -> Path:
         """The HTML report of the run (always rewritten: it is cheap)."""
