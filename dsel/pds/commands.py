@@ -26,6 +26,8 @@ import numpy as np
 
 from dsel.cli import Command
 from dsel.config import option, to_dict
+from dsel.data.meta import check_same_tokenizer
+from dsel.data.windows import corpus_prefix
 from dsel.errors import DselError, file_error
 from dsel.io import atomic_path, read_json, write_json
 from dsel.pds.fit import FitConfig
@@ -186,13 +188,9 @@ def _write_outputs(cfg: SolveConfig, out: Path, G, target_values, gamma, objecti
 
 def load_tokens(path: str, window: int, limit: int, memmap_dtype: str, lm) -> np.ndarray:
     """The first `limit` (0 = all) windows of a dataset as an array [N, window], checked against the model."""
-    from dsel.color.commands import check_data_matches
-
     windows = open_windows(path, window, memmap_dtype)
     count = len(windows) if limit <= 0 else min(limit, len(windows))
-    if count == 0:
-        raise file_error(path, f"holds no window of {window} tokens")
-    check_data_matches(_prefix(path), [lm])
+    check_same_tokenizer(lm.checkpoint, lm.meta, corpus_prefix(windows.source))
     tokens = windows.batch(np.arange(count))
     check_vocab(tokens, lm.vocab_size, path, lm.checkpoint)
     return tokens
@@ -200,7 +198,6 @@ def load_tokens(path: str, window: int, limit: int, memmap_dtype: str, lm) -> np
 
 def load_target_examples(cfg: SolveConfig, window: int, lm) -> list[np.ndarray]:
     """The target examples, each tokenised on its own and cut to its first `window` tokens."""
-    from dsel.color.commands import check_data_matches
     from dsel.color.target import dataset_documents, read_jsonl_texts, tokenize_texts
 
     if cfg.target.endswith(JSONL_SUFFIXES):
@@ -210,7 +207,7 @@ def load_target_examples(cfg: SolveConfig, window: int, lm) -> list[np.ndarray]:
 
         if not dataset_exists(_prefix(cfg.target)):
             raise file_error(cfg.target, "target not found (expected a .jsonl file or a Megatron dataset prefix)")
-        check_data_matches(_prefix(cfg.target), [lm])
+        check_same_tokenizer(lm.checkpoint, lm.meta, _prefix(cfg.target))
         documents = dataset_documents(_prefix(cfg.target))
     examples = [doc[:window] for doc in documents if len(doc) >= 2]
     if cfg.num_target > 0:
@@ -226,14 +223,17 @@ def load_target_examples(cfg: SolveConfig, window: int, lm) -> list[np.ndarray]:
 
 def _tokenizer(cfg: SolveConfig, lm):
     """The tokenizer of a jsonl target: tokenizer=, else the model's, checked against the model's sha256."""
-    from dsel.data.tokenize import load_tokenizer
+    from dsel.data.meta import tokenizer_mismatch
+    from dsel.data.tokenizer import load_tokenizer
 
     path = cfg.tokenizer or lm.meta.get("tokenizer")
     if not path:
         raise file_error(cfg.model, f"checkpoint records no tokenizer; set tokenizer= to tokenize {cfg.target}")
     tokenizer = load_tokenizer(path)
-    if lm.meta.get("tokenizer_sha256") not in (None, tokenizer.sha256):
-        raise file_error(path, f"not the tokenizer the proxy model {cfg.model} was trained with (sha256 differs)")
+    key = tokenizer_mismatch(lm.meta, tokenizer.identity())
+    if key:
+        raise file_error(path, f"not the tokenizer the proxy model {cfg.model} was trained with ({key} "
+                               f"{tokenizer.identity()[key]!r}, the model's {lm.meta[key]!r})")
     return tokenizer
 
 
@@ -281,8 +281,6 @@ def _fingerprint(cfg: SolveConfig, num_proxy: int, num_target: int, window: int)
 # ----- fit-scorer ----------------------------------------------------------------------------------
 def run_fit_scorer(cfg: FitScorerConfig) -> dict:
     """Fit the scorer on the solve's target.npy; keep the best-validation-Spearman model with its metrics."""
-    from dsel.color.commands import check_data_matches
-    from dsel.color.scorer import ScoredModel
     from dsel.device import resolve_device
     from dsel.models.checkpoint import load_model, save_model
     from dsel.models.scorer import Scorer
@@ -304,7 +302,7 @@ def run_fit_scorer(cfg: FitScorerConfig) -> dict:
     if len(windows) < len(target):
         raise file_error(proxy, f"has {len(windows)} windows of {info['window']} tokens but "
                                 f"{solve_dir}/target.npy has {len(target)} values")
-    check_data_matches(_prefix(proxy), [ScoredModel("init", gpt, init, meta)])
+    check_same_tokenizer(init, meta, corpus_prefix(windows.source))
     tokens = windows.batch(np.arange(len(target)))
     check_vocab(tokens, gpt.config.vocab_size, proxy, init)
     scorer = Scorer.from_gpt(gpt).float()
@@ -339,17 +337,18 @@ def run_score(cfg: ScoreConfig) -> Path:
     """Score every window of a corpus with the fitted scorer (this rank's shards under torchrun; rank 0 merges)."""
     import torch.distributed as dist
 
-    from dsel.models.checkpoint import read_model_config
+    from dsel.models.checkpoint import read_model_config, read_model_meta
     from dsel.pds.scorer import load_pds_scorer
     from dsel.score.commands import start_distributed
     from dsel.score.engine import score_windows
 
     read_model_config(cfg.model)
-    meta = read_json(Path(cfg.model) / "meta.json")
+    meta = read_model_meta(cfg.model)
     window = cfg.window or int(meta.get("window", 0))
     if window <= 0:
         raise file_error(cfg.model, "records no window size; set window=")
     windows = open_windows(cfg.corpus, window, cfg.memmap_dtype)
+    check_same_tokenizer(cfg.model, meta, corpus_prefix(windows.source))
     device, created = start_distributed(cfg.device)
     try:
         scorer = load_pds_scorer(cfg.model, device)
