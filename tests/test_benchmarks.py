@@ -120,3 +120,13 @@ def test_pmp_benchmark_rank_stability(tmp_path):
     rows = read_json(out)["estimators"]
     assert len(rows) == 2 and all(-1 <= r["spearman_between_seeds"] <= 1 for r in rows.values())
     assert rows["fixed-step (score_every=2)"]["zero_windows"] == 0  # every window scored under every seed
+
+
+def test_generate_benchmark(tmp_path, capsys):
+    bench = load_benchmark("generate")
+    out = tmp_path / "bench.json"
+    bench.main(["--device", "cpu", "--preset", "tiny", "--prompt", "10", "--new-tokens", "4", "--repeats", "1",
+                "--out", str(out)])
+    result = read_json(out)
+    assert set(result["rows"]) == {"kv cache", "rerun window"} and result["speed_ratio"] > 0
+    assert "ratios:" in capsys.readouterr().out
