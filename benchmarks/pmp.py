@@ -14,12 +14,25 @@ multiplier m; solver FLOPs ~= outer_epochs * T * m * 6 * proxy_params * tokens_p
 
   python benchmarks/pmp.py                       # CPU-sized model; pds-160m on GPU
   python benchmarks/pmp.py --batch 64 --out pmp.json
+  python benchmarks/pmp.py --mode ranks --ranks 1,2 --steps 2  # a solve's step time on 1 vs 2 torchrun ranks
+  python benchmarks/pmp.py --mode stability --prior runs/quickstart/prior/model \
+      --proxy runs/quickstart/pds/proxy/proxy --target-data runs/quickstart/tokenize/target --target 0 \
+      --steps 20 --batch 16          # rank agreement of 2 solver seeds
+
+Rank stability: in SGD mode the batch order is random, so two solver seeds give two G's; the Spearman
+correlation between them says how much of a window's score is the window and how much the draw. The
+exact estimator (score_every=0: each window only at the steps it was drawn, scaled by N/|B|) is
+compared with the fixed-step one (every window at every k-th step, the official estimator).
 Target: >= 20x faster than the per-example loop. The step's other parts (the weighted gradient, grad J and
 the HVP) cost the same in both, so the step's ratio is bounded by their share; the table shows both.
 """
 import argparse
+import json
 import os
+import subprocess
 import sys
+import tempfile
+import time
 
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
@@ -73,10 +86,18 @@ def training_step(solver, theta, gamma):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mode", choices=["step", "ranks", "stability", "rank-worker"], default="step")
+    p.add_argument("--ranks", default="1,2", help="--mode ranks: the process counts to compare")
+    p.add_argument("--prior", help="--mode stability: proxy LM checkpoint (e.g. the quickstart prior)")
+    p.add_argument("--proxy", help="--mode stability: proxy data prefix")
+    p.add_argument("--target-data", help="--mode stability: target data prefix or jsonl")
+    p.add_argument("--seeds", default="0,1", help="--mode stability: the two solver seeds")
+    p.add_argument("--score-every", type=int, default=5, help="--mode stability: k of the fixed-step estimator")
+    p.add_argument("--lr", type=float, default=0.5, help="inner learning rate (--mode stability, ranks)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=32, help="proxy windows per inner step")
     p.add_argument("--micro-batch", type=int, default=16)
-    p.add_argument("--target", type=int, default=8, help="target windows")
+    p.add_argument("--target", type=int, default=8, help="target windows (--mode stability: examples, 0 = all)")
     p.add_argument("--model", default=None, help="a preset name (default: pds-160m on GPU, a small model on CPU)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--steps", type=int, default=100, help="T of the full solve (for the cost estimate)")
@@ -86,6 +107,8 @@ def main(argv=None):
     p.add_argument("--pretrain-tokens", type=float, default=50e9, help="paper: 50B tokens")
     p.add_argument("--out", default="benchmarks/pmp.json")
     args = p.parse_args(argv)
+    if args.mode != "step":
+        return {"ranks": rank_scaling, "stability": rank_stability, "rank-worker": rank_worker}[args.mode](args)
     device = torch.device(args.device)
     config = preset(args.model) if args.model else (preset("pds-160m") if device.type == "cuda" else CPU_MODEL)
     torch.manual_seed(0)
@@ -134,6 +157,96 @@ def report(args, config, device, timings, agreement):
         "speedup_vs_naive": naive / ours, "dots_speedup_vs_naive": naive_dots_time / dots, "dot_relative_error": agreement,
         "step_over_training_step": multiplier, "solve_fraction_of_pretraining": solver_flops / pretrain_flops,
     })
+
+
+# ----- rank stability ------------------------------------------------------------------------------
+def rank_stability(args):
+    """Spearman between the G of two solver seeds (SGD mode), exact vs fixed-step estimator."""
+    from dsel.color.scorer import ScoredModel
+    from dsel.models.checkpoint import load_model
+    from dsel.pds.commands import SolveConfig, load_target_examples, load_tokens
+    from dsel.pds.fit import spearman
+
+    model, meta = load_model(args.prior, args.device)
+    lm = ScoredModel("proxy", model, args.prior, meta)
+    window = model.config.seq_len + 1
+    proxy = load_tokens(args.proxy, window, 0, "uint16", lm)
+    target = load_target_examples(SolveConfig(model=args.prior, proxy=args.proxy, target=args.target_data,
+                                              num_target=args.target), window, lm)
+    seeds = [int(x) for x in args.seeds.split(",")]
+    rows = {}
+    for name, every in (("exact (score_every=0)", 0), (f"fixed-step (score_every={args.score_every})", args.score_every)):
+        start = time.perf_counter()
+        G = []
+        for seed in seeds:
+            cfg = SolverConfig(steps=args.steps, lr=args.lr, batch_size=args.batch, score_every=every, seed=seed,
+                               micro_batch=args.micro_batch)
+            G.append(PMPSolver(model, proxy, target, cfg, device=args.device, show_progress=False).gamma_gradient(
+                np.full(len(proxy), 1.0 / len(proxy)))[0])
+        rows[name] = {"spearman_between_seeds": spearman(G[0], G[1]), "seconds": time.perf_counter() - start,
+                      "zero_windows": int(sum((g == 0).sum() for g in G))}
+    print(f"rank stability: {len(proxy)} proxy windows of {window} tokens, {len(target)} target examples, "
+          f"T={args.steps}, batch {args.batch}, lr {args.lr}, seeds {seeds}")
+    print(f"{'estimator':<36}{'Spearman(seed a, seed b)':>26}{'seconds':>10}")
+    for name, row in rows.items():
+        print(f"{name:<36}{row['spearman_between_seeds']:>26.3f}{row['seconds']:>10.1f}")
+    write_json(args.out, {"mode": "stability", "settings": vars(args), "estimators": rows})
+    return rows
+
+
+# ----- 1 vs N ranks ---------------------------------------------------------------------------------
+def rank_worker(args):
+    """Under torchrun: time one outer epoch of a solve (T=args.steps) and write G and the time (rank 0)."""
+    import torch.distributed as dist
+
+    from dsel.score.commands import start_distributed
+
+    device, created = start_distributed(args.device)
+    config = preset(args.model) if args.model else CPU_MODEL
+    torch.manual_seed(0)
+    model = GPT(config).to(device)
+    rng = np.random.default_rng(0)
+    proxy = rng.integers(0, config.vocab_size, size=(args.batch, config.seq_len + 1))
+    target = rng.integers(0, config.vocab_size, size=(args.target, config.seq_len + 1))
+    cfg = SolverConfig(steps=args.steps, lr=args.lr, micro_batch=args.micro_batch)
+    solver = PMPSolver(model, proxy, target, cfg, device=device, show_progress=False)
+    gamma = np.full(args.batch, 1.0 / args.batch)
+    solver.gamma_gradient(gamma)  # warm-up
+    start = time.perf_counter()
+    G, _ = solver.gamma_gradient(gamma)
+    seconds = (time.perf_counter() - start) / args.steps
+    if solver.rank == 0:
+        write_json(args.out, {"ranks": solver.world, "seconds_per_step": seconds, "G": G.tolist()})
+    if created:
+        dist.destroy_process_group()
+
+
+def rank_scaling(args):
+    """Launch rank_worker under torchrun for each rank count; print step time, speed-up and G agreement."""
+    counts = [int(x) for x in args.ranks.split(",")]
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in counts:
+            out = os.path.join(tmp, f"ranks{n}.json")
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                   os.path.abspath(__file__), "--mode", "rank-worker", "--out", out, "--device", args.device,
+                   "--batch", str(args.batch), "--micro-batch", str(args.micro_batch), "--target", str(args.target),
+                   "--steps", str(args.steps), "--lr", str(args.lr), *(["--model", args.model] if args.model else [])]
+            env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n)), "DSEL_PROGRESS": "0"}
+            subprocess.run(cmd, check=True, env=env)
+            results[n] = json.loads(open(out).read())
+    base = results[counts[0]]
+    print(f"solve step (forward + backward of one inner step, {args.batch} windows, micro-batch {args.micro_batch}, "
+          f"device {args.device})")
+    print(f"{'ranks':<8}{'s / step':>10}{'speed-up':>10}{'max |G - G_1| / max |G_1|':>28}")
+    rows = {}
+    for n, r in results.items():
+        G, G1 = np.asarray(r["G"]), np.asarray(base["G"])
+        rows[n] = {"seconds_per_step": r["seconds_per_step"], "speedup": base["seconds_per_step"] / r["seconds_per_step"],
+                   "G_relative_difference": float(np.abs(G - G1).max() / np.abs(G1).max())}
+        print(f"{n:<8}{r['seconds_per_step']:>10.3f}{rows[n]['speedup']:>10.2f}{rows[n]['G_relative_difference']:>28.1e}")
+    write_json(args.out, {"mode": "ranks", "settings": vars(args), "ranks": rows})
+    return rows
 
 
 if __name__ == "__main__":

@@ -112,6 +112,31 @@ def test_tokenize_benchmark(tmp_path, capsys):
     assert "dsel/megatron" in capsys.readouterr().out
 
 
+def test_pmp_benchmark_rank_stability(tmp_path):
+    """Two solver seeds, both estimators, on a tiny checkpoint and dataset: a Spearman per estimator."""
+    import numpy as np
+
+    from dsel.data.indexed import IndexedDatasetWriter
+    from dsel.models.checkpoint import save_model
+    from dsel.models.config import GPTConfig
+    from dsel.models.gpt import GPT
+
+    rng = np.random.default_rng(0)
+    for name, docs in (("proxy", 8), ("target", 2)):
+        with IndexedDatasetWriter(tmp_path / name, np.uint16) as w:
+            for _ in range(docs):
+                w.add_document(rng.integers(0, 32, size=9))
+    torch.manual_seed(0)
+    save_model(tmp_path / "lm", GPT(GPTConfig(vocab_size=32, seq_len=8, n_layer=1, n_head=2, d_model=16)))
+    out = tmp_path / "stability.json"
+    load_benchmark("pmp").main(["--mode", "stability", "--prior", str(tmp_path / "lm"), "--proxy", str(tmp_path / "proxy"),
+                                "--target-data", str(tmp_path / "target"), "--target", "0", "--steps", "3", "--batch", "2",
+                                "--score-every", "2", "--device", "cpu", "--out", str(out)])
+    rows = read_json(out)["estimators"]
+    assert len(rows) == 2 and all(-1 <= r["spearman_between_seeds"] <= 1 for r in rows.values())
+    assert rows["fixed-step (score_every=2)"]["zero_windows"] == 0  # every window scored under every seed
+
+
 def test_generate_benchmark(tmp_path, capsys):
     bench = load_benchmark("generate")
     out = tmp_path / "bench.json"

@@ -31,7 +31,7 @@ def small_config(tmp_path: Path) -> Path:
         "model": {"preset": "tiny", "model": {"seq_len": 32, "n_layer": 1, "d_model": 32, "n_head": 2}},
         "prior": {"steps": 8, "batch_size": 8, "lr": 3e-3},
         "pds": {"proxy_windows": 32, "target_windows": 8, "fit": {"fit": {"epochs": 1}},
-                "solve": {"solver": {"steps": 2, "outer_epochs": 1, "alpha": 5e-4, "lr": 0.5}}},
+                "solve": {"solver": {"steps": 2, "lr": 0.5}}},
         "color": {"finetune": {"batch_size": 8}},
         "pretrain": {"steps": 6, "batch_size": 8, "lr": 3e-3, "eval_every": 3, "eval_batches": 2},
         "eval": {"max_batches": 2},
@@ -69,6 +69,10 @@ def test_dsel_run_end_to_end_then_skips_and_reruns_only_what_changed(tmp_path, m
     assert json.loads((run_dir / "pretrain" / "pds" / "model" / "meta.json").read_text())["tokenizer"] == tokenizer
     report = (run_dir / "report" / "index.html").read_text()
     assert all(f"{name}.png" in report for name in ("score_histograms", "domain_shares", "loss_curves"))
+    scorer = results["pds_scorer"]
+    assert scorer["target_kind"] == "zscore" and -1 <= scorer["val_spearman"] <= 1
+    assert "validation Spearman" in report and f"{scorer['val_spearman']:.3f}" in report
+    assert json.loads((run_dir / "pds" / "solve" / "DONE.json").read_text())["settings"]["solver"]["target_kind"] == "zscore"
 
     main(["run", "-c", str(config)])  # everything done: nothing runs again
     assert stage_times(run_dir) == stages

@@ -4,6 +4,7 @@
     run_dir/<method>/score/scores.parquet    scores per window (+ domain)   -> score histograms
     run_dir/<arm>/select/selection.json      threshold, per-domain shares   -> shares per domain
     run_dir/pretrain/<arm>/log.jsonl         loss and valid_loss per step   -> loss curves
+    run_dir/pds/fit/scorer/meta.json         the PDS scorer's fit           -> validation Spearman/Pearson
 
 Sections whose inputs are missing are left out, so a partial run still renders.
 """
@@ -182,6 +183,21 @@ def headline(results: dict) -> str:
             f"selection: {', '.join(parts)}; random data of the same token budget: {base:.4f}.</p>")
 
 
+def pds_scorer_table(run_dir: Path) -> str:
+    """The PDS data scorer's fit: target kind and its best validation Spearman and Pearson (from its meta.json)."""
+    meta_file = run_dir / "pds" / "fit" / "scorer" / "meta.json"
+    if not meta_file.is_file():
+        return ""
+    fit = read_json(meta_file).get("pds_fit", {})
+    if "val" not in fit:
+        return ""
+    cells = [fit.get("target_kind", "?"), f"{fit['val']['spearman']:.3f}", f"{fit['val']['pearson']:.3f}",
+             f"{fit['val_windows']:,}", str(fit.get("best_step", "-"))]
+    head = ["target", "validation Spearman", "validation Pearson", "validation windows", "kept step"]
+    return ("<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr><tr>"
+            + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr></table>")
+
+
 def timings_table(timings: dict) -> str:
     """HTML table of seconds per stage and the total."""
     if not timings:
@@ -216,6 +232,8 @@ def write_report(run_dir: str | Path, out: str | Path) -> Path:
                ("Loss curves: selected vs random", plot_loss_curves(run_dir, arms, target, out))]
     sections = [f"<h2>Results</h2>{headline(results)}{results_table(results)}"]
     sections += [f"<h2>{title}</h2><img src='{name}' alt='{title}'>" for title, name in figures if name]
+    if pds_scorer_table(run_dir):
+        sections.append(f"<h2>PDS data scorer</h2>{pds_scorer_table(run_dir)}")
     if results.get("timings"):
         sections.append(f"<h2>Stage timings</h2>{timings_table(results['timings'])}")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>dsel run: {html.escape(run_dir.name)}</title>"

@@ -6,7 +6,9 @@ so everything here takes `params` (a dict name -> tensor) and calls the module t
 `hidden_states(tokens[B, L]) -> [B, L, d]` and `head_weight -> [V, d]`.
 
 A window of W tokens gives W-1 predictions (inputs tokens[:, :-1], targets tokens[:, 1:]); the
-loss of an example is the mean over them, as in `GPT.sequence_losses`.
+loss of an example is the mean over them, as in `GPT.sequence_losses`. Target examples of unequal
+length are right-padded with PAD: padding is never a target, so each example's loss is the mean
+over its own tokens.
 """
 from __future__ import annotations
 
@@ -16,9 +18,10 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from dsel.pds.head import head_losses, head_losses_jvp, head_losses_twice_differentiable
+from dsel.pds.head import IGNORE_INDEX, head_losses, head_losses_jvp, head_losses_twice_differentiable
 
 Params = dict[str, torch.Tensor]
+PAD = -1  # right padding of target examples
 
 
 class _Trunk(nn.Module):
@@ -43,12 +46,14 @@ class FunctionalLM:
         return {name: p.detach().clone() for name, p in self.trunk.named_parameters()}
 
     def example_losses(self, params: Params, tokens: torch.Tensor, twice_differentiable: bool = False) -> torch.Tensor:
-        """Mean next-token loss of each window: [B]."""
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        """Mean next-token loss of each window over its non-padding targets: [B]."""
+        inputs, targets = split_padded(tokens)
         hidden, weight = torch.func.functional_call(self.trunk, params, (inputs,))
         losses = head_losses_twice_differentiable if twice_differentiable else head_losses
-        per_token = losses(hidden.flatten(0, 1), weight, targets.flatten())
-        return per_token.view(targets.shape).mean(dim=1)
+        per_token = losses(hidden.flatten(0, 1), weight, targets.flatten()).view(targets.shape)
+        if tokens.min() != PAD:
+            return per_token.mean(dim=1)
+        return per_token.sum(dim=1) / (targets != IGNORE_INDEX).sum(dim=1).clamp(min=1)
 
     def gradient(self, params: Params, tokens: torch.Tensor, weights: torch.Tensor) -> tuple[Params, torch.Tensor]:
         """Gradient of sum_n weights_n * l_n at `params`, and the per-example losses."""
@@ -79,6 +84,15 @@ class FunctionalLM:
                 hidden.flatten(0, 1), d_hidden.flatten(0, 1), weight, d_weight, targets.flatten()
             )
         return loss.view(targets.shape).mean(dim=1), tangent.view(targets.shape).mean(dim=1)
+
+
+def split_padded(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of windows [B, W]: PAD inputs become token 0 (they only follow real tokens,
+    so a causal model never lets them change a real prediction), PAD targets are ignored."""
+    if tokens.min() != PAD:
+        return tokens[:, :-1], tokens[:, 1:]
+    inputs, targets = tokens[:, :-1].clamp(min=0), tokens[:, 1:]
+    return inputs, targets.masked_fill(targets == PAD, IGNORE_INDEX)
 
 
 def axpy(alpha: float, x: Params, y: Params) -> Params:

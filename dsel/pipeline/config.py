@@ -39,9 +39,9 @@ class DataConfig:
 class PdsConfig:
     """PDS: solve data weights on a proxy sample of the pool, fit a scorer, score the pool."""
 
-    proxy_windows: int = option(512, "pool windows sampled (seeded) as the proxy set of the solve")
-    target_windows: int = option(0, "target windows used by the solve (0 = all)")
-    solve: dict[str, Any] = option({}, "`dsel pds solve` settings (e.g. {solver: {steps: 20, outer_epochs: 3}})")
+    proxy_windows: int = option(512, "pool windows sampled uniformly (seeded, `dsel pds proxy`) as the proxy set")
+    target_windows: int = option(0, "target examples (documents) used by the solve's J (0 = all)")
+    solve: dict[str, Any] = option({}, "`dsel pds solve` settings (e.g. {solver: {steps: 20, lr: 0.5}})")
     fit: dict[str, Any] = option({}, "`dsel pds fit-scorer` settings (e.g. {fit: {epochs: 3, lr: 1e-4}})")
     score: dict[str, Any] = option({}, "`dsel pds score` settings (batch_size, device)")
     select: dict[str, Any] = option({"method": "gumbel", "column": "pds", "temperature": 0.1},

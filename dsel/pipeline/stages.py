@@ -56,6 +56,13 @@ def stage_configs() -> dict[str, type]:
             "color.finetune": ColorFinetuneConfig, "color.score": ColorScoreConfig, "select": SelectConfig}
 
 
+def default_target_kind() -> str:
+    """The solve's default scorer-target kind, named in its stage settings (and so in its DONE.json)."""
+    from dsel.pds.solver import SolverConfig
+
+    return SolverConfig().target_kind
+
+
 class Pipeline:
     """One run of `dsel run`: the stages in order, under one StageRunner."""
 
@@ -86,7 +93,7 @@ class Pipeline:
         }
         select = {"corpus": pool, "token_budget": budget, "seed": cfg.seed, "window": window}
         if "pds" in cfg.methods:
-            out["pds/solve"] = ("pds.solve", merged(device, cfg.pds.solve, {
+            out["pds/solve"] = ("pds.solve", merged(device, {"solver": {"target_kind": default_target_kind()}}, cfg.pds.solve, {
                 "model": p, "proxy": p, "target": target, "num_target": cfg.pds.target_windows, "out": p,
                 "window": window}))
             out["pds/fit"] = ("pds.fit", merged(device, cfg.pds.fit, {"gamma": p, "out": p}))
@@ -175,12 +182,14 @@ class Pipeline:
 
     def pds(self, settings: dict, prior: Path, window: int) -> Path:
         """Proxy sample -> solve -> fit the scorer -> score the pool -> select; returns the score dir."""
-        from dsel.pds.commands import run_fit_scorer, run_score, run_solve
+        from dsel.pds.commands import ProxyConfig, run_fit_scorer, run_proxy, run_score, run_solve
 
         classes = stage_configs()
-        proxy = self.runner.run("pds/proxy", {"windows": self.cfg.pds.proxy_windows, "seed": self.cfg.seed,
-                                              "window": window}, ["tokenize", "prior"],
-                                lambda out: self.sample_proxy(out, window))
+        proxy_settings = {"corpus": str(self.data / "pool"), "windows": self.cfg.pds.proxy_windows,
+                          "seed": self.cfg.seed, "window": window}
+        proxy = self.runner.run("pds/proxy", proxy_settings, ["tokenize", "prior"],
+                                lambda out: run_proxy(build(ProxyConfig, {**proxy_settings, "out": str(out)},
+                                                            "pds/proxy")))
         solve_settings = merged(settings["pds/solve"][1], {"model": str(prior), "proxy": str(proxy / "proxy"),
                                                             "out": str(self.runner.path("pds/solve"))})
         solve = self.runner.run("pds/solve", solve_settings, ["pds/proxy"],
@@ -195,17 +204,6 @@ class Pipeline:
                                  lambda _: run_score(build(classes["pds.score"], score_settings, "pds/score")))
         self.select("pds", settings, scores, after=["pds/score"])
         return scores
-
-    def sample_proxy(self, out: Path, window: int) -> None:
-        """A seeded random sample of pool windows, written as the proxy dataset (+ their pool ids)."""
-        from dsel.data.indexed import IndexedDataset
-        from dsel.data.windows import Windows, write_windows
-
-        windows = Windows(IndexedDataset(str(self.data / "pool")), window)
-        count = min(self.cfg.pds.proxy_windows, len(windows))
-        ids = np.sort(np.random.default_rng(self.cfg.seed).choice(len(windows), count, replace=False))
-        np.save(out / "pool_windows.npy", ids)
-        write_windows(windows, ids, out / "proxy")
 
     def color(self, settings: dict, prior: Path) -> Path:
         """Fine-tune the prior on the target -> score the pool -> select; returns the score dir."""
@@ -267,7 +265,12 @@ class Pipeline:
                 row["lm_eval"] = {task: {k: v for k, v in m.items() if isinstance(v, float) and "stderr" not in k}
                                   for task, m in read_json(ev / "lm_eval.json")["results"].items()}
             rows[arm] = row
-        return {"target": self.cfg.data.target_valid, "arms": rows, "timings": self.runner.timings()}
+        results = {"target": self.cfg.data.target_valid, "arms": rows, "timings": self.runner.timings()}
+        if "pds" in self.cfg.methods:
+            fit = read_json(self.runner.path("pds/fit") / "scorer" / "meta.json")["pds_fit"]
+            results["pds_scorer"] = {"target_kind": fit["target_kind"], "val_spearman": fit["val"]["spearman"],
+                                     "val_pearson": fit["val"]["pearson"], "best_step": fit["best_step"]}
+        return results
 
     def report(self) -> Path:
         """The HTML report of the run (always rewritten: it is cheap)."""
