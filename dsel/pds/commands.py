@@ -22,7 +22,7 @@ import numpy as np
 from dsel.cli import Command
 from dsel.config import option, to_dict
 from dsel.errors import file_error
-from dsel.io import atomic_path, read_json, write_json
+from dsel.io import atomic_path, check_writable, read_json, write_json, writes_output
 from dsel.pds.fit import FitConfig
 from dsel.pds.solver import SolverConfig
 from dsel.score.commands import open_windows
@@ -70,6 +70,7 @@ class ScoreConfig:
 
 
 # ----- solve ---------------------------------------------------------------------------------------
+@writes_output()
 def run_solve(cfg: SolveConfig) -> Path:
     """Solve gamma and write gamma.npy + gamma.json into cfg.out."""
     import torch
@@ -99,6 +100,7 @@ def run_solve(cfg: SolveConfig) -> Path:
 
     solver = PMPSolver(model, proxy, target, cfg.solver, device=device)
     gamma = solver.solve(gamma, start_epoch, on_epoch=save_state)
+    (out / "gamma.json").unlink(missing_ok=True)  # the manifest, written last: never beside another gamma.npy
     _write_npy(out / "gamma.npy", gamma)
     write_json(out / "gamma.json", {
         "key": "gamma[i] is the weight of proxy window i (tokens [i*window, (i+1)*window) of the proxy stream)",
@@ -152,6 +154,7 @@ def _fingerprint(cfg: SolveConfig, num_proxy: int, num_target: int, window: int)
 
 
 # ----- fit-scorer ----------------------------------------------------------------------------------
+@writes_output()
 def run_fit_scorer(cfg: FitScorerConfig) -> dict:
     """Fit the scorer on the solve's gamma; save it with its validation correlations."""
     from dsel.device import resolve_device
@@ -200,11 +203,12 @@ def run_score(cfg: ScoreConfig) -> Path:
     """Score every window of a corpus with the fitted scorer (this rank's shards under torchrun; rank 0 merges)."""
     import torch.distributed as dist
 
-    from dsel.models.checkpoint import read_model_config
+    from dsel.models.checkpoint import checkpoint_digest, read_model_config
     from dsel.pds.scorer import load_pds_scorer
     from dsel.score.commands import start_distributed
     from dsel.score.engine import score_windows
 
+    check_writable(cfg.out)
     read_model_config(cfg.model)
     meta = read_json(Path(cfg.model) / "meta.json")
     window = cfg.window or int(meta.get("window", 0))
@@ -215,7 +219,8 @@ def run_score(cfg: ScoreConfig) -> Path:
     try:
         scorer = load_pds_scorer(cfg.model, device)
         return score_windows(windows, scorer, cfg.out, cfg.batch_size, device=device,
-                             meta={"scorer": "pds", "model": cfg.model, "corpus": cfg.corpus, "window": window})
+                             meta={"scorer": "pds", "model": cfg.model, "corpus": cfg.corpus, "window": window,
+                                   "model_digest": checkpoint_digest(cfg.model)})
     finally:
         if created:
             dist.destroy_process_group()

@@ -10,11 +10,13 @@ from __future__ import annotations
 import logging
 
 from dsel.cli import Command
+from dsel.io import writes_output
 from dsel.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 
+@writes_output()
 def run_train(cfg: TrainConfig):
     """Train with the configured backend; returns the checkpoint directory out/model."""
     if cfg.backend == "megatron":
