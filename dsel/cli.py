@@ -12,6 +12,7 @@ megatron) belong inside the `run` functions so `dsel --help` stays fast.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
@@ -33,6 +34,10 @@ COMMAND_MODULES: list[str] = [
     "dsel.eval.commands",
     "dsel.pipeline.commands",
 ]
+
+# Failed writes that are the machine's state, not a bug: a full disk or quota, a file size limit, a
+# read-only filesystem. Outputs are published whole, so the previous one is still in place.
+OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 
 # A one-word command that is also a group ("score" next to "score merge") is the group's `run`.
 DEFAULT_SUBCOMMAND = "run"
@@ -117,4 +122,10 @@ def main(argv: list[str] | None = None) -> None:
         cmd.run(config)
     except DselError as e:
         print(f"dsel {cmd.name}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno not in OUTPUT_ERRNOS:
+            raise
+        print(f"dsel {cmd.name}: error: {e.filename or 'output'}: {e.strerror}; nothing already written was "
+              "replaced", file=sys.stderr)
         sys.exit(2)

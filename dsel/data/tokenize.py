@@ -46,6 +46,7 @@ class TokenizeConfig:
     text_unit: Literal["line", "file"] = option("line", "plain text: one document per non-empty line, or per file")
     workers: int = option(2, "encoding worker processes")
     chunk_docs: int = option(256, "documents per work item sent to a worker")
+    overwrite: bool = option(False, "replace a finished dataset at the output prefix made from other inputs")
 
 
 class Tokenizer:
