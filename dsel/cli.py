@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from dsel.config import describe, load_config
 from dsel.errors import DselError
+from dsel.io import out_of_space
 
 # Modules that declare `COMMANDS`; each stage adds its own line.
 COMMAND_MODULES: list[str] = [
@@ -34,10 +35,6 @@ COMMAND_MODULES: list[str] = [
     "dsel.eval.commands",
     "dsel.pipeline.commands",
 ]
-
-# Failed writes that are the machine's state, not a bug: a full disk or quota, a file size limit, a
-# read-only filesystem. Outputs are published whole, so the previous one is still in place.
-OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 
 # A one-word command that is also a group ("score" next to "score merge") is the group's `run`.
 DEFAULT_SUBCOMMAND = "run"
@@ -124,8 +121,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"dsel {cmd.name}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:
-        if e.errno not in OUTPUT_ERRNOS:
+        if not (out_of_space(e) or e.errno == errno.EROFS):
             raise
-        print(f"dsel {cmd.name}: error: {e.filename or 'output'}: {e.strerror}; nothing already written was "
-              "replaced", file=sys.stderr)
+        print(f"dsel {cmd.name}: error: {e.filename or 'output'}: could not be written ({e.strerror or e}); "
+              "outputs already finished are kept", file=sys.stderr)
         sys.exit(2)

@@ -3,6 +3,7 @@ digests, input checks, progress bars."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import functools
 import glob
@@ -225,8 +226,20 @@ def publish_dir(out: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         replace_dir(tmp, out)
+    except OSError as e:
+        if not out_of_space(e):
+            raise
+        raise file_error(out, f"could not be written ({e.strerror or e}); the previous output is kept") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def out_of_space(error: OSError) -> bool:
+    """Whether a failed write is the machine's state, not a bug: a full disk or quota, a file size limit
+    (errno, or numpy's short-write error, which carries none)."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return True
+    return error.errno is None and "requested and" in str(error) and "written" in str(error)
 
 
 def replace_dir(new: Path, path: Path) -> None:

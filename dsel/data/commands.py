@@ -18,7 +18,6 @@ def run_tokenize(cfg: TokenizeConfig) -> None:
     with output_lock(prefix):
         check_overwrite_dataset(cfg, prefix)
         check_free_space(prefix, estimated_bytes(cfg), "the tokenized dataset")
-        Path(f"{prefix}.meta.json").unlink(missing_ok=True)  # the manifest, written last
         tokenize_corpus(cfg)
 
 

@@ -60,7 +60,7 @@ def save_model(path: str | os.PathLike, model: nn.Module, meta: dict | None = No
     return path
 
 
-WEIGHT_SUFFIXES = (".pt", ".safetensors")
+WEIGHT_SUFFIXES = (".pt", ".safetensors", ".bin")  # dsel's, older dsel's, a transformers folder's
 DIGEST = "digest.json"  # sha256 of the weights, written at save time: what later stages key their reuse on
 
 
@@ -89,7 +89,7 @@ def checkpoint_digest(path: str | os.PathLike) -> str:
 
 
 def weight_files(path: Path) -> list[Path]:
-    """The weight files of checkpoint folder `path` (model.pt, *.safetensors), by name."""
+    """The weight files of checkpoint folder `path` (model.safetensors, model.pt, pytorch_model.bin), by name."""
     return sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
 
 

@@ -74,7 +74,7 @@ class StageRunner:
             why = "settings or inputs changed" if done.get("fingerprint") != stamp else "outputs missing or changed"
             log.info("stage %s: %s since it ran; running it again from scratch", name, why)
             shutil.rmtree(out)
-        elif started.is_file() and read_json(started).get("fingerprint") != stamp:
+        elif out.exists() and (not started.is_file() or read_json(started).get("fingerprint") != stamp):
             log.info("stage %s: settings or inputs changed since it started; running it again from scratch", name)
             shutil.rmtree(out)
         elif started.is_file():
