@@ -273,7 +273,7 @@ def _exchange(a: Path, b: Path) -> bool:
 # ----- content digests -------------------------------------------------------------------------------
 def file_digest(path: str | os.PathLike) -> str:
     """sha256 of a file's bytes (the one such helper lives beside the tokenizer interface)."""
-    from dsel.data.tokenize import file_sha256
+    from dsel.data.tokenizer import file_sha256
 
     return file_sha256(path)
 

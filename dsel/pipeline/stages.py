@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from dsel.errors import DselError
 from dsel.io import read_json, write_json
 from dsel.pipeline.config import BUNDLED, PipelineConfig
 from dsel.pipeline.runner import StageRunner
+from dsel.train.config import padded_vocab_size
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class Pipeline:
         save_config(self.cfg, self.runner.run_dir / "config.yaml")
         self.tokenize()
         meta = read_json(self.data / "pool.meta.json")
-        vocab_size = 128 * math.ceil(meta["vocab_size"] / 128)
+        vocab_size = padded_vocab_size(meta["vocab_size"])
         settings = self.stage_settings(vocab_size)
         prior = self.train("prior", settings["prior"][1], after=["tokenize"])
         window = read_json(prior / "config.json")["model"]["seq_len"] + 1
@@ -153,13 +153,16 @@ class Pipeline:
         self.runner.run("tokenize", to_dict(self.cfg.data), [], self._tokenize, reads=self.input_files())
 
     def input_files(self) -> list[str]:
-        """Every corpus file the run reads (pool, target, validation sets): their content is in the key."""
+        """Every file the run reads from outside (pool, target, validation sets, a given tokenizer): their
+        content is in the tokenize stage's key."""
         from dsel.data.tokenize import input_files
 
         data = self.cfg.data
         inputs = [resolve_input(data.pool, "pool.jsonl.gz"), resolve_input(data.target, "target.jsonl.gz"),
                   *validation_inputs(data).values()]
-        return [str(f) for path in inputs for f in input_files(path)]
+        tokenizer = Path(data.tokenizer) if data.tokenizer else None
+        tokenizer_files = sorted(tokenizer.rglob("*") if tokenizer.is_dir() else [tokenizer]) if tokenizer else []
+        return [str(f) for path in inputs for f in input_files(path)] + [str(f) for f in tokenizer_files if f.is_file()]
 
     def _tokenize(self, out: Path) -> None:
         from dsel.data.tokenize import TokenizeConfig, tokenize_corpus
@@ -167,7 +170,8 @@ class Pipeline:
         data = self.cfg.data
         common = {"text_field": data.text_field, "id_field": data.id_field, "workers": data.workers}
         pool = resolve_input(data.pool, "pool.jsonl.gz")
-        meta = tokenize_corpus(TokenizeConfig(input=pool, output=str(out / "pool"), vocab_size=data.vocab_size, **common))
+        meta = tokenize_corpus(TokenizeConfig(input=pool, output=str(out / "pool"), vocab_size=data.vocab_size,
+                                              tokenizer=data.tokenizer, **common))
         write_domains(out / "pool", pool, data)
         inputs = {"target": resolve_input(data.target, "target.jsonl.gz"), **validation_inputs(data)}
         for name, path in inputs.items():
