@@ -63,13 +63,16 @@ def table(docs: dict[str, str], results: dict[str, list[tuple[str, str]]]) -> st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--junit", type=Path, help="JUnit XML of a finished run of tests/test_faults.py")
+    parser.add_argument("--machine", default="", help="where and how the run went (machine, load, time)")
     args = parser.parse_args()
     junit = args.junit
     if junit is None:
         junit = Path(tempfile.mkdtemp()) / "faults.xml"
         run_suite(junit)
     body = table(docstrings(SUITE), outcomes(junit))
-    DOC.write_text(HEADER + body + FOOTER)
+    DOC.parent.mkdir(exist_ok=True)
+    machine = f"Run on: {args.machine}\n\n" if args.machine else ""
+    DOC.write_text(HEADER + machine + body + FOOTER)
     print(body)
 
 
