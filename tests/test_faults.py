@@ -155,7 +155,7 @@ def test_kill_select_overwriting_a_selection_leaves_old_or_new_whole(work, tmp_p
     holds the old selection or the new one, whole; the rerun equals an uninterrupted run."""
     def args(out, fraction):
         return ["select", f"scores={work / 'scores'}", f"out={out}", "method=topk", "column=color",
-                f"fraction={fraction}", "shards=6", "workers=1", "overwrite=true"]
+                f"fraction={fraction}", "overwrite=true"]
     names = ["indices.npy", "data/selected.bin", "data/selected.idx"]
     for out, fraction in ((tmp_path / "old", 0.2), (tmp_path / "killed", 0.2)):
         timed(args(out, fraction))
@@ -224,7 +224,7 @@ def test_second_writer_is_refused_naming_the_pid(work, tmp_path):
     """A second writer of an output folder in use: one line 'in use by pid N', exit 2, nothing written."""
     out = tmp_path / "sel"
     with output_lock(out):
-        status, err = finish(dsel("select", f"scores={work / 'scores'}", f"out={out}", "fraction=0.3", "workers=1",
+        status, err = finish(dsel("select", f"scores={work / 'scores'}", f"out={out}", "fraction=0.3",
                                      "column=color"))
     assert status == 2 and f"in use by pid {os.getpid()}" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
@@ -233,7 +233,7 @@ def test_second_writer_is_refused_naming_the_pid(work, tmp_path):
 def test_two_concurrent_selects_never_break_the_output(work, tmp_path):
     """Two `dsel select` into one folder at once: each succeeds or is refused (in use), the output is whole."""
     out, ref = tmp_path / "sel", tmp_path / "ref"
-    args = [f"scores={work / 'scores'}", "method=topk", "column=color", "fraction=0.4", "shards=6", "workers=1"]
+    args = [f"scores={work / 'scores'}", "method=topk", "column=color", "fraction=0.4"]
     timed(["select", *args, f"out={ref}"])
     results = [finish(p) for p in [dsel("select", *args, f"out={out}") for _ in range(2)]]
     assert all(s == 0 or (s == 2 and "in use by pid" in e) for s, e in results), results
@@ -246,16 +246,16 @@ def test_lock_of_a_dead_process_is_taken_over(work, tmp_path):
     """A lock file left by a killed writer (dead pid): taken over; the command runs and removes it."""
     out = tmp_path / "sel"
     lock_file(out).write_text("999999999\n")
-    main(["select", f"scores={work / 'scores'}", f"out={out}", "fraction=0.3", "workers=1", "column=color"])
+    main(["select", f"scores={work / 'scores'}", f"out={out}", "fraction=0.3", "column=color"])
     assert (out / "selection.json").is_file() and not lock_file(out).exists()
 
 
 def test_different_finished_output_needs_overwrite(work, tmp_path, capsys):
     """A different finished selection or dataset in out: refused naming the differing setting unless
-    overwrite=true; the same settings, or a speed-only change (workers), rerun freely."""
+    overwrite=true; the same settings, or a speed-only change (chunk_rows), rerun freely."""
     base = ["select", f"scores={work / 'scores'}", f"out={tmp_path / 'sel'}", "method=topk", "column=color"]
-    main([*base, "fraction=0.3", "workers=1"])
-    main([*base, "fraction=0.3", "workers=2", "chunk_rows=7"])
+    main([*base, "fraction=0.3"])
+    main([*base, "fraction=0.3", "chunk_rows=7"])
     with pytest.raises(SystemExit) as exit_info:
         main([*base, "fraction=0.5"])
     assert exit_info.value.code == 2 and "fraction=0.3" in capsys.readouterr().err
@@ -327,7 +327,7 @@ def test_full_disk_is_one_line_and_keeps_the_previous_output(work, tmp_path):
     """A full disk (RLIMIT_FSIZE in the subprocess) while replacing a selection: one line, exit 2, the
     previous selection byte-identical, no temporary files."""
     out = tmp_path / "sel"
-    args = ["select", f"scores={work / 'scores'}", f"out={out}", "method=topk", "column=color", "workers=1"]
+    args = ["select", f"scores={work / 'scores'}", f"out={out}", "method=topk", "column=color"]
     timed([*args, "fraction=0.2"])
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
@@ -392,7 +392,7 @@ def main_api_select(work, tmp_path, **settings):
     from dsel.select.commands import SelectConfig, run_select
 
     return run_select(from_dict(SelectConfig, {"scores": str(work / "scores"), "out": str(tmp_path / "sel"),
-                                               "workers": 1, "column": "color", **settings}))
+                                               "column": "color", **settings}))
 
 
 def test_select_refuses_a_table_without_its_manifest(work, tmp_path):
@@ -404,8 +404,7 @@ def test_select_refuses_a_table_without_its_manifest(work, tmp_path):
 
     with pytest.raises(DselError, match="scores.json is missing"):
         run_select(from_dict(SelectConfig, {"scores": str(tmp_path / "scores"), "corpus": str(work / "base"),
-                                            "window": window, "out": str(tmp_path / "sel"), "workers": 1,
-                                            "column": "color"}))
+                                            "window": window, "out": str(tmp_path / "sel"), "column": "color"}))
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -428,15 +427,14 @@ def test_zero_training_length_is_refused_up_front(work, tmp_path, capsys, length
 
 
 def test_speed_only_settings_do_not_change_results(work, tmp_path):
-    """Speed-only settings (workers, chunk_rows, shards; left out of every reuse key): byte-identical outputs."""
+    """Speed-only settings (tokenize workers, select chunk_rows; left out of every reuse key): byte-identical outputs."""
     for workers in (1, 2):
         main(["tokenize", f"input={work / 'corpus.jsonl'}", f"output={tmp_path / f'w{workers}'}",
               f"tokenizer={work / 'base.model'}", f"workers={workers}", "id_field=id", "chunk_docs=50"])
     same = [f"w1.{s}" for s in ("bin", "idx", "docids.jsonl")]
     for name in same:
         assert (tmp_path / name).read_bytes() == (tmp_path / name.replace("w1", "w2")).read_bytes()
-    for i, speed in enumerate([{"workers": 1, "chunk_rows": 1 << 20, "shards": 1},
-                               {"workers": 2, "chunk_rows": 7, "shards": 5}]):
+    for i, speed in enumerate([{"chunk_rows": 1 << 20}, {"chunk_rows": 7}]):
         main_api_select(work, tmp_path / str(i), method="gumbel", column="color", fraction=0.3, **speed)
     same_files(tmp_path / "0" / "sel", tmp_path / "1" / "sel", ["indices.npy", "data/selected.bin", "data/selected.idx"])
 

@@ -30,7 +30,7 @@ def dataset_key(cfg: TokenizeConfig) -> dict:
     """What a finished dataset records about how it was made (in its .meta.json)."""
     from dsel.data.tokenize import input_files
 
-    return {"inputs": [str(f) for f in input_files(cfg.input)], "text_field": cfg.text_field, "id_field": cfg.id_field}
+    return {"inputs": [f.url for f in input_files(cfg.input)], "text_field": cfg.text_field, "id_field": cfg.id_field}
 
 
 def check_overwrite_dataset(cfg: TokenizeConfig, prefix: str) -> None:
@@ -51,7 +51,8 @@ def estimated_bytes(cfg: TokenizeConfig) -> int:
     """A rough size of the output: 2-byte tokens of ~4 characters, gzip text expanding ~3x."""
     from dsel.data.tokenize import input_files
 
-    return sum(os.path.getsize(f) * (3 if f.name.endswith(".gz") else 1) for f in input_files(cfg.input)) // 2
+    local = [f.url for f in input_files(cfg.input) if os.path.isfile(f.url)]
+    return sum(os.path.getsize(url) * (3 if url.endswith((".gz", ".zst")) else 1) for url in local) // 2
 
 
 COMMANDS = [
