@@ -93,7 +93,10 @@ class StageRunner:
         return out
 
     def input_digest(self, path: str) -> str:
-        """sha256 of an external input file, cached in run_dir by (size, mtime) so reruns skip the hash."""
+        """sha256 of an external input file, cached in run_dir by (size, mtime) so reruns skip the hash
+        (a remote fsspec URL counts by its name alone)."""
+        if not os.path.isfile(path):
+            return path
         stat = os.stat(path)
         cache_file = self.run_dir / INPUT_DIGESTS
         cache = read_json(cache_file) if cache_file.is_file() else {}

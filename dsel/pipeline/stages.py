@@ -162,7 +162,7 @@ class Pipeline:
                   *validation_inputs(data).values()]
         tokenizer = Path(data.tokenizer) if data.tokenizer else None
         tokenizer_files = sorted(tokenizer.rglob("*") if tokenizer.is_dir() else [tokenizer]) if tokenizer else []
-        return [str(f) for path in inputs for f in input_files(path)] + [str(f) for f in tokenizer_files if f.is_file()]
+        return [f.url for path in inputs for f in input_files(path)] + [str(f) for f in tokenizer_files if f.is_file()]
 
     def _tokenize(self, out: Path) -> None:
         from dsel.data.tokenize import TokenizeConfig, tokenize_corpus
