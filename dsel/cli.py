@@ -15,6 +15,7 @@ megatron) belong inside the `run` functions so `dsel --help` stays fast.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
@@ -26,6 +27,7 @@ import yaml
 
 from dsel.config import describe, load_config, to_dict
 from dsel.errors import DselError
+from dsel.io import out_of_space
 
 # Modules that declare `COMMANDS`; each stage adds its own line.
 COMMAND_MODULES: list[str] = [
@@ -134,4 +136,10 @@ def main(argv: list[str] | None = None) -> None:
         cmd.run(config)
     except DselError as e:
         print(f"dsel {cmd.name}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if not (out_of_space(e) or e.errno == errno.EROFS):
+            raise
+        print(f"dsel {cmd.name}: error: {e.filename or 'output'}: could not be written ({e.strerror or e}); "
+              "outputs already finished are kept", file=sys.stderr)
         sys.exit(2)

@@ -1,8 +1,18 @@
-"""File helpers shared by every stage: atomic writes, input checks, progress bars."""
+"""File helpers shared by every stage: atomic writes, output locks, whole-folder publishing, content
+digests, input checks, progress bars."""
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
+import functools
+import glob
+import hashlib
 import json
+import logging
 import os
+import re
+import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,6 +21,8 @@ from typing import Iterator
 from tqdm.auto import tqdm
 
 from dsel.errors import file_error
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -60,3 +72,237 @@ def progress(iterable=None, **kwargs):
     kwargs.setdefault("mininterval", 0.1 if sys.stderr.isatty() else 10.0)
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, **kwargs)
+
+
+# ----- one writer per output, published whole -------------------------------------------------------
+_HELD: dict[str, int] = {}  # lock file -> how many nested `output_lock` blocks of this process hold it
+_STALE = re.compile(r"\.(tmp|old)-(\d+)$")
+RENAME_EXCHANGE = 2  # renameat2 flag: swap two paths atomically (Linux >= 3.15)
+
+
+def lock_file(out: str | os.PathLike, tag: str = "") -> Path:
+    """The advisory lock of output `out` (a folder, file or dataset prefix): a hidden sibling."""
+    out = Path(out).absolute()
+    return out.parent / f".{out.name}{tag}.lock"
+
+
+@contextmanager
+def output_lock(out: str | os.PathLike, tag: str = "") -> Iterator[Path]:
+    """Hold the lock of output `out` for the block: a second writer gets "in use by pid N".
+
+    The lock is an flock on a hidden sibling file holding the writer's pid; the kernel drops it when
+    the writer dies, so a killed writer's lock is taken over by the next one. Taking the lock first
+    checks that `out` can be written (one line when not) and removes temporary files that killed
+    writers of `out` left behind. Nested blocks of one process on the same output share the lock.
+    """
+    out = Path(out).absolute()
+    path = lock_file(out, tag)
+    if str(path) in _HELD:
+        _HELD[str(path)] += 1
+        try:
+            yield out
+        finally:
+            _HELD[str(path)] -= 1
+        return
+    check_writable(out)
+    fd = _acquire(path, out)
+    _HELD[str(path)] = 1
+    try:
+        remove_stale(out)
+        yield out
+    finally:
+        del _HELD[str(path)]
+        path.unlink(missing_ok=True)  # still holding the flock: a waiting writer re-checks the inode
+        os.close(fd)
+
+
+def writes_output(field: str = "out"):
+    """Decorator of a command's `run(cfg)`: holds `output_lock(cfg.<field>)` while it runs (one lock per
+    rank under torchrun, whose ranks write the same output together)."""
+    def wrap(run):
+        @functools.wraps(run)
+        def locked(cfg, *args, **kwargs):
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            with output_lock(getattr(cfg, field), f".rank{os.environ.get('RANK', '0')}" if world > 1 else ""):
+                return run(cfg, *args, **kwargs)
+        return locked
+    return wrap
+
+
+def _acquire(path: Path, out: Path) -> int:
+    """An exclusive flock on `path` (created if need be) that still names the file at `path`."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise file_error(out.parent, f"output folder is not writable ({e.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise file_error(out, f"in use by pid {holder} (another dsel command writes it); wait for it to "
+                                  "finish or choose another output") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            previous = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            if previous:
+                log.info("%s: taking over the lock of pid %s, which is gone", out, previous)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        os.close(fd)  # the previous holder removed that file after we opened it: lock the new one
+
+
+def check_writable(out: str | os.PathLike) -> None:
+    """One line, before any work, when output `out` cannot be written (read-only folder or filesystem)."""
+    out = Path(out).absolute()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise file_error(out.parent, f"cannot create the output folder ({e.strerror})") from None
+    for folder in [out.parent] + ([out] if out.is_dir() else []):
+        probe = folder / f".dsel-write-probe-{os.getpid()}"
+        try:
+            os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            probe.unlink()
+        except OSError as e:
+            raise file_error(folder, f"output folder is not writable ({e.strerror})") from None
+
+
+def check_free_space(out: str | os.PathLike, need: int, what: str = "the output") -> None:
+    """One line, before any work, when the filesystem of `out` has less than `need` bytes free."""
+    folder = Path(out).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise file_error(out, f"{what} needs about {need / 2**20:.1f} MiB but its filesystem has "
+                              f"{free / 2**20:.1f} MiB free")
+
+
+def remove_stale(out: str | os.PathLike) -> None:
+    """Delete what killed writers of `out` left: `.<name>.tmp-PID` / `.<name>.*.tmp-PID` siblings of
+    dead processes; a folder moved aside (`.<name>.old-PID`) just before a kill is moved back."""
+    out = Path(out).absolute()
+    if not out.parent.is_dir():
+        return
+    for path in sorted(out.parent.glob(f".{glob.escape(out.name)}.*")):
+        match = _STALE.search(path.name)
+        if not match or _alive(int(match.group(2))):
+            continue
+        if match.group(1) == "old" and path.name == f".{out.name}.old-{match.group(2)}" and not out.exists():
+            log.info("restoring %s, moved aside by a killed writer", out)
+            os.replace(path, out)
+            continue
+        log.info("removing %s, left by a killed writer", path)
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists (other than this one, whose leftovers are never in use here)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def publish_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary sibling of folder `out`; when the block succeeds it replaces `out` as a
+    unit, so readers see the old folder or the new one, never a mix. Hold `output_lock(out)` around it."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        replace_dir(tmp, out)
+    except OSError as e:
+        if not out_of_space(e):
+            raise
+        raise file_error(out, f"could not be written ({e.strerror or e}); the previous output is kept") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def out_of_space(error: OSError) -> bool:
+    """Whether a failed write is the machine's state, not a bug: a full disk or quota, a file size limit
+    (errno, or numpy's short-write error, which carries none)."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return True
+    return error.errno is None and "requested and" in str(error) and "written" in str(error)
+
+
+def replace_dir(new: Path, path: Path) -> None:
+    """Move folder `new` onto `path`: an atomic swap where the kernel has one, else two renames (a kill
+    between them leaves the old folder aside as `.<name>.old-PID`, which `remove_stale` moves back)."""
+    new, path = Path(new), Path(path)
+    if not path.exists():
+        os.replace(new, path)
+        return
+    if _exchange(new, path):
+        shutil.rmtree(new, ignore_errors=True)  # `new` now holds the old folder
+        return
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    os.replace(path, old)
+    os.replace(new, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically with renameat2(RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), RENAME_EXCHANGE)
+    return result == 0
+
+
+# ----- content digests -------------------------------------------------------------------------------
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (the one such helper lives beside the tokenizer interface)."""
+    from dsel.data.tokenizer import file_sha256
+
+    return file_sha256(path)
+
+
+def dataset_digest(prefix: str | os.PathLike) -> str:
+    """Content digest of a Megatron dataset: sha256 of its .idx (every document length and offset)
+    plus the .bin size; a headerless token file: its size and the sha256 of its first and last MiB."""
+    prefix = str(prefix)
+    if os.path.isfile(prefix + ".idx"):
+        return f"idx:{file_digest(prefix + '.idx')[:32]}:bin:{os.path.getsize(prefix + '.bin')}"
+    size = os.path.getsize(prefix)
+    digest = hashlib.sha256()
+    with open(prefix, "rb") as f:
+        digest.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        digest.update(f.read(1 << 20))
+    return f"file:{digest.hexdigest()[:32]}:size:{size}"
+
+
+def tree_digest(folder: str | os.PathLike, skip: tuple[str, ...] = ()) -> str:
+    """Content digest of every file under `folder` (relative names and bytes; a Megatron `.bin` by its
+    size, its `.idx` by content), except hidden files and top-level entries named in `skip`."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder)
+        if rel.parts[0] in skip or any(part.startswith(".") for part in rel.parts):
+            continue
+        same_idx = path.suffix == ".bin" and path.with_suffix(".idx").is_file()
+        content = f"size:{path.stat().st_size}" if same_idx else file_digest(path)
+        digest.update(f"{rel}\0{content}\n".encode())
+    return digest.hexdigest()[:32]

@@ -19,6 +19,7 @@ from dsel.cli import Command
 from dsel.color.config import ColorScorerConfig, Precision
 from dsel.config import option, to_dict
 from dsel.errors import DselError
+from dsel.io import check_writable, writes_output
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ def random_slice(prefix: str, fraction: float, seed: int, out_prefix: str) -> st
     return out_prefix
 
 
+@writes_output()
 def run_train_prior(cfg: ColorTrainPriorConfig):
     """Train the prior on a random slice of the corpus with `dsel train`; returns the checkpoint directory."""
     from dsel.config import from_dict
@@ -119,9 +121,11 @@ def run_score(cfg: ColorScoreConfig):
 
     from dsel.color.scorer import load_scorer
     from dsel.data.windows import corpus_prefix
+    from dsel.models.checkpoint import checkpoint_digest
     from dsel.score.commands import open_windows, start_distributed
     from dsel.score.engine import score_windows
 
+    check_writable(cfg.out)
     device, created = start_distributed(cfg.device)
     try:
         scorer = load_scorer(cfg, device)
@@ -130,7 +134,8 @@ def run_score(cfg: ColorScoreConfig):
         windows = open_windows(cfg.corpus, window, cfg.memmap_dtype)
         check_data_matches(corpus_prefix(windows.source), scorer.models)
         meta = {"scorer": "color", "corpus": cfg.corpus, "window": window, "micro_batch": cfg.micro_batch,
-                "precision": cfg.precision, "models": {m.name: m.checkpoint for m in scorer.models}}
+                "precision": cfg.precision, "models": {m.name: m.checkpoint for m in scorer.models},
+                "digests": {m.name: checkpoint_digest(m.checkpoint) for m in scorer.models}}
         table = score_windows(windows, scorer, cfg.out, cfg.batch_size, shard_size=cfg.shard_size, device=device,
                               meta=meta)
     finally:
@@ -168,6 +173,7 @@ def target_pieces(cfg: ColorFinetuneConfig, prior, length: int):
     return pieces
 
 
+@writes_output()
 def run_finetune(cfg: ColorFinetuneConfig):
     """Fine-tune the prior on the target data and save the conditional model."""
     from dsel.color.finetune import finetune_model

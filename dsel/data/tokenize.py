@@ -47,6 +47,7 @@ class TokenizeConfig:
     text_unit: Literal["line", "file"] = option("line", "plain text: one document per non-empty line, or per file")
     workers: int = option(2, "encoding worker processes (per torchrun rank)")
     chunk_docs: int = option(256, "documents encoded per tokenizer call")
+    overwrite: bool = option(False, "replace a finished dataset at the output prefix made from other inputs")
     shard_bytes: int = option(64 << 20, "input bytes per shard (the unit of parallel work and of resume; large "
                                         "uncompressed jsonl/txt and parquet files are split)")
     keep_shards: bool = option(False, "keep <out>.shards/ (per-shard datasets and completion markers) after the merge")

@@ -15,7 +15,7 @@ from typing import Optional
 from dsel.cli import Command
 from dsel.config import option
 from dsel.errors import DselError
-from dsel.io import write_json
+from dsel.io import check_writable, write_json
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +51,14 @@ def run_loss(cfg: EvalLossConfig) -> dict:
     from dsel.device import resolve_device
     from dsel.models.checkpoint import load_model
 
+    out = cfg.out or str(Path(cfg.model) / "heldout_loss.json")
+    check_writable(out)
     device = resolve_device(cfg.device)
     model, meta = load_model(cfg.model, device)
     if not hasattr(model, "sequence_losses"):
         raise DselError(f"{cfg.model}: holds a '{model.arch}' model, not a GPT language model")
     window = cfg.window or model.config.seq_len + 1
     losses = heldout_losses(model, cfg.data, window, cfg.batch_size, cfg.max_batches, device, cfg.model, meta)
-    out = cfg.out or str(Path(cfg.model) / "heldout_loss.json")
     write_json(out, {"checkpoint": cfg.model, "window": window, "losses": losses})
     for name, row in losses.items():
         print(f"{name}: loss {row['loss']:.4f} over {row['windows']} windows")
@@ -73,6 +74,8 @@ def run_lm_eval(cfg: LmEvalConfig) -> dict:
     from dsel.device import resolve_device
     from dsel.eval.lm_model import DselLM
 
+    out = cfg.out or Path(cfg.model) / "lm_eval.json"
+    check_writable(out)
     model = DselLM(cfg.model, tokenizer=cfg.tokenizer or None, device=resolve_device(cfg.device),
                    batch_size=cfg.batch_size)
     paths = [str(TASKS_DIR)] + ([cfg.include_path] if cfg.include_path else [])
@@ -83,7 +86,7 @@ def run_lm_eval(cfg: LmEvalConfig) -> dict:
     results = lm_eval.simple_evaluate(model=model, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot,
                                       limit=cfg.limit, task_manager=manager, log_samples=False)
     summary = {"checkpoint": cfg.model, "results": results["results"], "n_samples": results.get("n-samples", {})}
-    write_json(cfg.out or Path(cfg.model) / "lm_eval.json", summary)
+    write_json(out, summary)
     for task, metrics in results["results"].items():
         print(task, {k: v for k, v in metrics.items() if isinstance(v, float)})
     return summary

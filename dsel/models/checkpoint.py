@@ -12,6 +12,7 @@ so a killed save never leaves a half-written checkpoint and never destroys the p
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ from torch import nn
 
 from dsel.config import from_dict
 from dsel.errors import DselError, file_error
-from dsel.io import read_json
+from dsel.io import read_json, remove_stale, replace_dir as _replace_dir
 from dsel.models.config import GPTConfig
 
 WEIGHTS = "model.safetensors"
@@ -52,6 +53,7 @@ def save_model(path: str | os.PathLike, model: nn.Module, meta: dict | None = No
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    remove_stale(path)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -60,19 +62,44 @@ def save_model(path: str | os.PathLike, model: nn.Module, meta: dict | None = No
         config = {"arch": model.arch, "model": dataclasses.asdict(model.config)}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "meta.json").write_text(json.dumps(meta or {}, indent=2, sort_keys=True, default=str) + "\n")
+        (tmp / DIGEST).write_text(json.dumps(weights_digest(tmp), indent=2) + "\n")
         _replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
-def _replace_dir(new: Path, path: Path) -> None:
-    """Move directory `new` onto `path`; the old `path` is removed only once the new one is in place."""
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(new, path)
-    shutil.rmtree(old, ignore_errors=True)
+WEIGHT_SUFFIXES = (".pt", ".safetensors", ".bin")  # dsel's, older dsel's, a transformers folder's
+DIGEST = "digest.json"  # sha256 of the weights, written at save time: what later stages key their reuse on
+
+
+def weights_digest(path: str | os.PathLike) -> dict:
+    """{"sha256": digest of every weight file of checkpoint folder `path` (name and bytes), "files": sizes}."""
+    from dsel.io import file_digest
+
+    files = weight_files(Path(path))
+    if not files:
+        raise file_error(path, "model weights not found")
+    text = "".join(f"{p.name}\0{file_digest(p)}\n" for p in files)
+    return {"sha256": hashlib.sha256(text.encode()).hexdigest(), "files": {p.name: p.stat().st_size for p in files}}
+
+
+def checkpoint_digest(path: str | os.PathLike) -> str:
+    """The content digest of a checkpoint's weights: the one saved with it, else (an older checkpoint,
+    or weight files changed since) computed now."""
+    path = Path(path)
+    saved = path / DIGEST
+    if saved.is_file():
+        record = read_json(saved)
+        sizes = {name: (path / name).stat().st_size if (path / name).is_file() else None for name in record["files"]}
+        if sizes == record["files"] and {p.name for p in weight_files(path)} == set(record["files"]):
+            return record["sha256"]
+    return weights_digest(path)["sha256"]
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The weight files of checkpoint folder `path` (model.safetensors, model.pt, pytorch_model.bin), by name."""
+    return sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
 
 
 def read_model_config(path: str | os.PathLike) -> tuple[str, GPTConfig]:

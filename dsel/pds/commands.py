@@ -29,7 +29,7 @@ from dsel.config import option, to_dict
 from dsel.data.meta import check_same_tokenizer
 from dsel.data.windows import corpus_prefix
 from dsel.errors import DselError, file_error
-from dsel.io import atomic_path, read_json, write_json
+from dsel.io import atomic_path, check_writable, read_json, write_json, writes_output
 from dsel.pds.fit import FitConfig
 from dsel.pds.solver import SolverConfig
 from dsel.score.commands import open_windows
@@ -120,6 +120,7 @@ def sample_windows(total: int, count: int, seed: int) -> np.ndarray:
 
 
 # ----- solve ---------------------------------------------------------------------------------------
+@writes_output()
 def run_solve(cfg: SolveConfig) -> Path:
     """Solve G, the scorer target and gamma; write them into cfg.out (rank 0 under torchrun)."""
     import torch
@@ -171,6 +172,7 @@ def run_solve(cfg: SolveConfig) -> Path:
 def _write_outputs(cfg: SolveConfig, out: Path, G, target_values, gamma, objectives, solver, meta,
                    num_target: int, window: int) -> None:
     """G.npy, target.npy, gamma.npy, then gamma.json (written last: its presence means a finished solve)."""
+    (out / "gamma.json").unlink(missing_ok=True)  # the manifest, written last: never beside another gamma.npy
     _write_npy(out / "G.npy", G)
     _write_npy(out / "target.npy", target_values)
     _write_npy(out / "gamma.npy", gamma)
@@ -279,6 +281,7 @@ def _fingerprint(cfg: SolveConfig, num_proxy: int, num_target: int, window: int)
 
 
 # ----- fit-scorer ----------------------------------------------------------------------------------
+@writes_output()
 def run_fit_scorer(cfg: FitScorerConfig) -> dict:
     """Fit the scorer on the solve's target.npy; keep the best-validation-Spearman model with its metrics."""
     from dsel.device import resolve_device
@@ -337,11 +340,12 @@ def run_score(cfg: ScoreConfig) -> Path:
     """Score every window of a corpus with the fitted scorer (this rank's shards under torchrun; rank 0 merges)."""
     import torch.distributed as dist
 
-    from dsel.models.checkpoint import read_model_config, read_model_meta
+    from dsel.models.checkpoint import checkpoint_digest, read_model_config, read_model_meta
     from dsel.pds.scorer import load_pds_scorer
     from dsel.score.commands import start_distributed
     from dsel.score.engine import score_windows
 
+    check_writable(cfg.out)
     read_model_config(cfg.model)
     meta = read_model_meta(cfg.model)
     window = cfg.window or int(meta.get("window", 0))
@@ -353,7 +357,8 @@ def run_score(cfg: ScoreConfig) -> Path:
     try:
         scorer = load_pds_scorer(cfg.model, device)
         return score_windows(windows, scorer, cfg.out, cfg.batch_size, device=device,
-                             meta={"scorer": "pds", "model": cfg.model, "corpus": cfg.corpus, "window": window})
+                             meta={"scorer": "pds", "model": cfg.model, "corpus": cfg.corpus, "window": window,
+                                   "model_digest": checkpoint_digest(cfg.model)})
     finally:
         if created:
             dist.destroy_process_group()

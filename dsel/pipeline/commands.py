@@ -9,9 +9,11 @@ stages and resumes a killed one.
 from __future__ import annotations
 
 from dsel.cli import Command
+from dsel.io import writes_output
 from dsel.pipeline.config import PipelineConfig
 
 
+@writes_output("run_dir")
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """Run every stage; print the results table (target loss per arm)."""
     from dsel.pipeline.stages import Pipeline

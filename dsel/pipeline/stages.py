@@ -157,7 +157,19 @@ class Pipeline:
 
     def tokenize(self) -> None:
         """Pool (training its tokenizer), target and validation sets -> Megatron datasets."""
-        self.runner.run("tokenize", to_dict(self.cfg.data), [], self._tokenize)
+        self.runner.run("tokenize", to_dict(self.cfg.data), [], self._tokenize, reads=self.input_files())
+
+    def input_files(self) -> list[str]:
+        """Every file the run reads from outside (pool, target, validation sets, a given tokenizer): their
+        content is in the tokenize stage's key."""
+        from dsel.data.tokenize import input_files
+
+        data = self.cfg.data
+        inputs = [resolve_input(data.pool, "pool.jsonl.gz"), resolve_input(data.target, "target.jsonl.gz"),
+                  *validation_inputs(data).values()]
+        tokenizer = Path(data.tokenizer) if data.tokenizer else None
+        tokenizer_files = sorted(tokenizer.rglob("*") if tokenizer.is_dir() else [tokenizer]) if tokenizer else []
+        return [f.url for path in inputs for f in input_files(path)] + [str(f) for f in tokenizer_files if f.is_file()]
 
     def _tokenize(self, out: Path) -> None:
         from dsel.data.tokenize import TokenizeConfig, tokenize_corpus
@@ -236,7 +248,7 @@ class Pipeline:
     def evaluate(self, arm: str) -> Path:
         """Held-out loss per validation set and lm-eval tasks of one pretrained model."""
         ev = to_dict(self.cfg.eval)
-        return self.runner.run(f"eval/{arm}", ev, [f"pretrain/{arm}"], lambda out: self._evaluate(arm, out))
+        return self.runner.run(f"eval/{arm}", ev, ["tokenize", f"pretrain/{arm}"], lambda out: self._evaluate(arm, out))
 
     def _evaluate(self, arm: str, out: Path) -> None:
         from dsel.eval.commands import EvalLossConfig, LmEvalConfig, run_lm_eval, run_loss

@@ -20,6 +20,7 @@ from typing import Any, Optional
 from dsel.cli import Command
 from dsel.config import option
 from dsel.errors import DselError
+from dsel.io import check_writable
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ def run_score(cfg: ScoreCommandConfig) -> Path:
     from dsel.score.engine import score_windows
     from dsel.score.scorers import build_scorer
 
+    check_writable(cfg.out)
     windows = open_windows(cfg.corpus, cfg.window, cfg.memmap_dtype)
     device, created = start_distributed(cfg.device)
     try:

@@ -33,7 +33,7 @@ import numpy as np
 from dsel.data.docids import doc_ids_path, domains_path, read_doc_ids, read_document_strings
 from dsel.data.windows import Windows, corpus_prefix, source_name
 from dsel.errors import DselError, file_error
-from dsel.io import atomic_path, progress, read_json, require_file, write_json
+from dsel.io import atomic_path, dataset_digest, output_lock, progress, read_json, require_file, write_json
 from dsel.score.stats import column_stats, score_histogram, table_stats
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,8 @@ def corpus_info(source) -> dict:
     """Enough to reopen the corpus for a later merge, and to notice it changed."""
     kind = "indexed" if hasattr(source, "prefix") else "memmap"
     return {"kind": kind, "path": os.path.abspath(source_name(source)), "tokens": int(len(source.stream)),
-            "dtype": np.dtype(source.dtype).str, "eos_id": getattr(source, "eos_id", None)}
+            "dtype": np.dtype(source.dtype).str, "eos_id": getattr(source, "eos_id", None),
+            "digest": dataset_digest(source_name(source))}
 
 
 def plain_json(obj):
@@ -77,7 +78,8 @@ def read_job(out: Path) -> dict:
 
 def table_info(job: dict) -> dict:
     """What a score table records about its job (parquet metadata and scores.json)."""
-    return {"fingerprint": job["fingerprint"], "corpus": job["corpus"]["path"], "window": job["window"]}
+    return {"fingerprint": job["fingerprint"], "corpus": job["corpus"]["path"], "window": job["window"],
+            "corpus_digest": job["corpus"].get("digest")}
 
 
 def shard_file(out: Path, k: int) -> Path:
@@ -103,10 +105,18 @@ def count_windows(job: dict, shards: list[int]) -> int:
 
 
 def mismatch(old: dict, new: dict) -> str:
-    """The settings in which two job specs differ, for an error message."""
-    keys = ("columns", "window", "num_windows", "corpus", "shard_size", "meta_sha256")
-    differ = [k for k in keys if old.get(k) != new.get(k)]
-    return ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" if k != "meta_sha256" else "meta" for k in differ)
+    """The settings in which two job specs differ (dotted keys, e.g. meta.digests.prior), for an error message."""
+    keys = ("columns", "window", "num_windows", "corpus", "shard_size", "meta")
+    return ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in differences({k: old.get(k) for k in keys},
+                                                                         {k: new.get(k) for k in keys}))
+
+
+def differences(old, new, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, old value, new value) of every leaf in which two nested dicts differ."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return [] if old == new else [(prefix, old, new)]
+    return [d for k in sorted(set(old) | set(new), key=str)
+            for d in differences(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))]
 
 
 def open_job(out: Path, windows: Windows, columns: list[str], shard_size: int | None, batch_size: int,
@@ -242,24 +252,31 @@ def score_windows(windows: Windows, scorer, out_dir, batch_size: int, shard_size
         if hasattr(scorer, "check_window"):
             scorer.check_window(windows.window)
         out = Path(out_dir)
-        job = open_job(out, windows, list(scorer.columns), shard_size, batch_size, meta or {})
-        owned = list(range(rank, num_shards(job), world_size))
-        todo = [k for k in owned if not shard_done(out, k, job["fingerprint"])]
-        remove_stale_temps(out, todo)
-        total, remaining = count_windows(job, owned), count_windows(job, todo)
-        log.info("rank %d/%d: %d of %d shards to score (%d windows of %d tokens)", rank, world_size, len(todo),
-                 len(owned), remaining, windows.window)
-        worker = f"rank {rank}, {device or 'cpu'}"
-        with progress(total=total, initial=total - remaining, unit="win", desc=f"score rank {rank}",
-                      position=rank) as bar:
-            for k in todo:
-                score_shard(windows, scorer, out, job, k, batch_size, worker, bar)
-        return finish(out, windows, rank)
+        with output_lock(out, f".rank{rank}"):
+            return _score_rank(windows, scorer, out, batch_size, shard_size, device, meta, rank, world_size)
     finally:
         if created:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _score_rank(windows: Windows, scorer, out: Path, batch_size: int, shard_size: int | None, device, meta,
+                rank: int, world_size: int) -> Path:
+    """This rank's unfinished shards, then the merge (see score_windows)."""
+    job = open_job(out, windows, list(scorer.columns), shard_size, batch_size, meta or {})
+    owned = list(range(rank, num_shards(job), world_size))
+    todo = [k for k in owned if not shard_done(out, k, job["fingerprint"])]
+    remove_stale_temps(out, todo)
+    total, remaining = count_windows(job, owned), count_windows(job, todo)
+    log.info("rank %d/%d: %d of %d shards to score (%d windows of %d tokens)", rank, world_size, len(todo),
+             len(owned), remaining, windows.window)
+    worker = f"rank {rank}, {device or 'cpu'}"
+    with progress(total=total, initial=total - remaining, unit="win", desc=f"score rank {rank}",
+                  position=rank) as bar:
+        for k in todo:
+            score_shard(windows, scorer, out, job, k, batch_size, worker, bar)
+    return finish(out, windows, rank)
 
 
 def finish(out: Path, windows: Windows, rank: int) -> Path:
@@ -296,6 +313,9 @@ def reopen_windows(job: dict) -> Windows:
     if len(source.stream) != corpus["tokens"]:
         raise file_error(corpus["path"], f"has {len(source.stream)} tokens but was scored with {corpus['tokens']}; "
                                          "the corpus changed since scoring")
+    if corpus.get("digest") not in (None, dataset_digest(corpus["path"])):
+        raise file_error(corpus["path"], "content differs from the corpus that was scored (digest); the corpus "
+                                         "changed since scoring")
     return Windows(source, job["window"])
 
 
@@ -387,30 +407,32 @@ def write_parquet(table, path: Path, info: dict) -> None:
 
 
 def merge_scores(out_dir, windows: Windows | None = None) -> Path:
-    """Check coverage and write scores.parquet, doc_scores.parquet, scores.json and the histograms;
-    returns the path of scores.parquet."""
+    """Check coverage and write scores.parquet, doc_scores.parquet, the histograms and last scores.json
+    (the manifest: readers refuse a table without a matching one); returns the path of scores.parquet."""
     out = Path(out_dir)
     job = read_job(out)
     windows = windows if windows is not None else reopen_windows(job)
     if len(windows) != job["num_windows"] or windows.window != job["window"]:
         raise DselError(f"{windows}: does not match the scored job ({job['num_windows']} windows of {job['window']})")
-    for stale in out.glob(".*.tmp-*"):
-        stale.unlink(missing_ok=True)
-    columns = load_shards(out, job)
-    doc_ids, domains = document_labels(windows, job["meta"])
-    table = score_table(windows, columns, doc_ids, domains)
-    write_parquet(table, out / "scores.parquet", table_info(job))
-    doc_table = doc_score_table(windows, columns, doc_ids, domains)
-    write_parquet(doc_table, out / "doc_scores.parquet", table_info(job))
-    window_domains = table.column("domain").to_numpy(zero_copy_only=False) if domains is not None else None
-    write_json(out / "scores.json", {
-        **table_info(job), "meta": job["meta"], "columns": job["columns"], "num_windows": job["num_windows"],
-        "num_documents": doc_table.num_rows, "num_shards": num_shards(job), "shard_size": job["shard_size"],
-        "has_doc_id": doc_ids is not None, "has_domain": domains is not None,
-        "stats": table_stats(columns, np.full(len(windows), windows.window), window_domains),
-    })
-    for name, values in columns.items():
-        score_histogram(values, out / f"hist-{name}.png", title=f"{name}: {len(values)} windows", xlabel=name)
+    with output_lock(out, ".merge"):
+        for stale in out.glob(".*.tmp-*"):
+            stale.unlink(missing_ok=True)
+        columns = load_shards(out, job)
+        (out / "scores.json").unlink(missing_ok=True)
+        doc_ids, domains = document_labels(windows, job["meta"])
+        table = score_table(windows, columns, doc_ids, domains)
+        write_parquet(table, out / "scores.parquet", table_info(job))
+        doc_table = doc_score_table(windows, columns, doc_ids, domains)
+        write_parquet(doc_table, out / "doc_scores.parquet", table_info(job))
+        window_domains = table.column("domain").to_numpy(zero_copy_only=False) if domains is not None else None
+        for name, values in columns.items():
+            score_histogram(values, out / f"hist-{name}.png", title=f"{name}: {len(values)} windows", xlabel=name)
+        write_json(out / "scores.json", {
+            **table_info(job), "meta": job["meta"], "columns": job["columns"], "num_windows": job["num_windows"],
+            "num_documents": doc_table.num_rows, "num_shards": num_shards(job), "shard_size": job["shard_size"],
+            "has_doc_id": doc_ids is not None, "has_domain": domains is not None,
+            "stats": table_stats(columns, np.full(len(windows), windows.window), window_domains),
+        })
     log.info("merged %d shards: %d windows x %s -> %s", num_shards(job), len(windows), job["columns"],
              out / "scores.parquet")
     return out / "scores.parquet"

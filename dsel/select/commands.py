@@ -24,7 +24,8 @@ import numpy as np
 from dsel.cli import Command
 from dsel.config import option
 from dsel.errors import DselError
-from dsel.io import atomic_path, write_json
+from dsel.io import (atomic_path, check_free_space, dataset_digest, file_digest, publish_dir, write_json,
+                     writes_output)
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,13 @@ class SelectConfig:
         "megatron", "megatron: copy the kept windows into data/selected; index: write only its .idx over the corpus' tokens")
     kept_text: bool = option(True, "kept.parquet: add each window's text (decoded with the corpus tokenizer, when at hand)")
     chunk_rows: int = option(1 << 20, "score rows read at a time (memory bound of the streaming passes)")
+    overwrite: bool = option(False, "replace a finished selection in out made from other scores or settings")
 
     REMOVED_OPTIONS = {"shards": "the selection is written once, straight into data/selected",
                        "workers": "the selection is written once, straight into data/selected"}
+
+
+SPEED_ONLY = ("out", "chunk_rows", "overwrite")  # never change what is selected
 
 
 def check_settings(cfg: SelectConfig) -> None:
@@ -102,13 +107,14 @@ def corpus_and_window(cfg: SelectConfig) -> tuple[str, int]:
     return cfg.corpus or meta.get("corpus") or "", cfg.window or recorded
 
 
+@writes_output()
 def run_select(cfg: SelectConfig) -> Path:
     """Select, then write indices.npy, kept.parquet, histogram.png, data/selected, selection.json."""
     from dsel.score.commands import open_windows
     from dsel.select import megatron_args
     from dsel.select.materialise import materialise, write_kept
     from dsel.select.methods import select
-    from dsel.select.source import check_pool, open_scores
+    from dsel.select.source import check_pool, open_scores, table_meta
 
     check_settings(cfg)
     start = time.time()
@@ -121,26 +127,89 @@ def run_select(cfg: SelectConfig) -> Path:
     windows = open_windows(corpus, window, cfg.memmap_dtype) if corpus else None
     num_windows = len(windows) if windows is not None else source.num_rows
     check_pool(source, num_windows)
+    if cfg.token_budget and 0 < window and cfg.token_budget < window:
+        raise DselError(f"token_budget={cfg.token_budget}: below one window of {window} tokens; nothing could be kept")
+    meta = table_meta(cfg.scores)
+    check_scored_corpus(cfg.scores, meta, windows)
+    final = Path(cfg.out)
+    key = selection_key(cfg, meta, windows)
+    check_overwrite(final / "selection.json", key, cfg.overwrite)
     plan = make_plan(cfg, source)
     selection = select(source, plan, num_windows, cfg.chunk_rows)
-    out = Path(cfg.out)
-    (out / "selection.json").unlink(missing_ok=True)  # written last: present only with the outputs it describes
-    with atomic_path(out / "indices.npy") as tmp, open(tmp, "wb") as f:
-        np.save(f, selection.indices)
-    write_kept(out / "kept.parquet", source, selection.indices, windows, cfg.chunk_rows, cfg.kept_text)
-    histogram = write_histogram(out / "histogram.png", selection, plan)
-    data = {}
-    if cfg.materialise:
-        selected = materialise(windows, selection.indices, out / "data", cfg.format)
-        data = {"selected": selected.prefix, "format": cfg.format}
-        data["megatron_args"] = str(megatron_args.write(out, [selected.prefix], seq_len=window - 1))  # Megatron-LM hand-off
-    summary = describe_selection(plan, selection, source, corpus, window, time.time() - start)
-    summary["outputs"] = {"indices": str(out / "indices.npy"), "kept": str(out / "kept.parquet"),
-                          "histogram": histogram, "data": data}
-    write_json(out / "selection.json", summary)
+    if cfg.materialise and cfg.format == "megatron":
+        check_free_space(final, selection.tokens * np.dtype(windows.source.dtype).itemsize, "the selected data")
+    with publish_dir(final) as out:  # built aside, then swapped in whole: a kill leaves the old or the new
+        with atomic_path(out / "indices.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, selection.indices)
+        write_kept(out / "kept.parquet", source, selection.indices, windows, cfg.chunk_rows, cfg.kept_text)
+        histogram = write_histogram(out / "histogram.png", selection, plan)
+        data = {}
+        if cfg.materialise:
+            selected = materialise(windows, selection.indices, out / "data", cfg.format)
+            data = {"selected": str(final / Path(selected.prefix).relative_to(out)), "format": cfg.format}
+            data["megatron_args"] = str(final / megatron_args.write(out, [data["selected"]], seq_len=window - 1,
+                                                                  meta_from=selected.prefix)
+                                        .relative_to(out))  # Megatron-LM hand-off
+        summary = describe_selection(plan, selection, source, corpus, window, time.time() - start)
+        summary["outputs"] = {"indices": str(final / "indices.npy"), "kept": str(final / "kept.parquet"),
+                              "histogram": histogram and str(final / "histogram.png"), "data": data}
+        write_json(out / "selection.json", {**summary, "key": key})
     log.info("kept %d of %d windows (%d tokens), threshold %s -> %s",
-             len(selection.indices), selection.pool, selection.tokens, selection.threshold, out)
-    return out
+             len(selection.indices), selection.pool, selection.tokens, selection.threshold, final)
+    return final
+
+
+def selection_key(cfg: SelectConfig, meta: dict, windows) -> dict:
+    """What a finished selection was made from: every result-changing setting, the scores' identity
+    (the score job's fingerprint, else the file's digest) and the corpus digest."""
+    from dsel.config import to_dict
+    from dsel.data.windows import source_name
+    from dsel.select.source import table_path
+
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in SPEED_ONLY}
+    scores = meta.get("fingerprint") or file_digest(cfg.scores if str(cfg.scores).endswith(".npy")
+                                                    else table_path(cfg.scores))
+    corpus = dataset_digest(source_name(windows.source)) if windows is not None else None
+    return {**settings, "scores_digest": scores, "corpus_digest": corpus}
+
+
+def check_overwrite(manifest: Path, key: dict, overwrite: bool) -> None:
+    """Refuse to replace a finished output made from other inputs or settings, unless overwrite=true."""
+    from dsel.io import read_json
+    from dsel.score.engine import differences
+
+    if overwrite or not manifest.is_file():
+        return
+    old = read_json(manifest).get("key")
+    changed = differences(old, key) if isinstance(old, dict) else [("key", None, None)]
+    if changed:
+        name, before, after = changed[0]
+        raise DselError(f"{manifest.parent}: holds a finished output made with {name}={before!r} (this run: "
+                        f"{after!r}); set overwrite=true to replace it, or choose another out")
+
+
+def check_scored_corpus(scores: str, meta: dict, windows) -> None:
+    """Refuse scores of another corpus (by content digest) and a score table whose manifest
+    (scores.json) is missing or belongs to another merge."""
+    from dsel.data.windows import source_name
+    from dsel.select.source import table_path
+
+    if not str(scores).endswith(".npy"):
+        import pyarrow.parquet as pq
+
+        path = table_path(scores)
+        recorded = (pq.read_schema(path).metadata or {}).get(b"dsel") if path.is_file() else None
+        if recorded is not None:
+            import json
+
+            fingerprint = json.loads(recorded).get("fingerprint")
+            if meta.get("fingerprint") not in (None, fingerprint) or not meta:
+                raise DselError(f"{path}: its scores.json is missing or from another scoring run (an interrupted "
+                                "merge); rerun `dsel score merge`")
+    digest = meta.get("corpus_digest")
+    if digest and windows is not None and dataset_digest(source_name(windows.source)) != digest:
+        raise DselError(f"{scores}: scores of another corpus ({meta.get('corpus')}, digest {digest}), not of "
+                        f"{source_name(windows.source)}")
 
 
 def write_histogram(path: Path, selection, plan) -> str | None:

@@ -42,22 +42,23 @@ def tokenizer_args(prefix: str) -> list[str]:
 
 
 def megatron_args(prefixes: Sequence[str], seq_len: int, seed: int = DEFAULT_SEED,
-                  weights: Sequence[float] | None = None) -> list[str]:
-    """The data arguments, one option (with its values) per item."""
+                  weights: Sequence[float] | None = None, meta_from: str | None = None) -> list[str]:
+    """The data arguments, one option (with its values) per item; the tokenizer is read from the meta of
+    `meta_from` (default: the first prefix), for outputs still being built beside their final place."""
     if weights is None:
         data_path = [str(p) for p in prefixes]
     else:
         data_path = [str(x) for pair in zip(weights, prefixes) for x in pair]
     lines = [" ".join(["--data-path", *data_path]), "--split 100,0,0", f"--seq-length {seq_len}",
              f"--max-position-embeddings {seq_len}", f"--seed {seed}"]
-    tokenizer = tokenizer_args(str(prefixes[0]))
+    tokenizer = tokenizer_args(str(meta_from or prefixes[0]))
     if tokenizer:
         lines += [" ".join(tokenizer[i : i + 2]) for i in range(0, len(tokenizer), 2)]
     return lines
 
 
 def write(out: str | os.PathLike, prefixes: Sequence[str], seq_len: int, seed: int = DEFAULT_SEED,
-          weights: Sequence[float] | None = None) -> Path:
+          weights: Sequence[float] | None = None, meta_from: str | None = None) -> Path:
     """Write out/megatron_args.txt (atomically): comment lines, then one argument per line."""
     path = Path(out) / FILE_NAME
     header = [
@@ -67,7 +68,7 @@ def write(out: str | os.PathLike, prefixes: Sequence[str], seq_len: int, seed: i
         "# usage: python pretrain_gpt.py $(grep -v '^#' megatron_args.txt) <model and optimizer arguments>",
     ]
     with atomic_path(path) as tmp:
-        tmp.write_text("\n".join(header + megatron_args(prefixes, seq_len, seed, weights)) + "\n")
+        tmp.write_text("\n".join(header + megatron_args(prefixes, seq_len, seed, weights, meta_from)) + "\n")
     return path
 
 

@@ -14,11 +14,13 @@ from dataclasses import dataclass
 
 from dsel.cli import Command
 from dsel.config import option
+from dsel.io import writes_output
 from dsel.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 
+@writes_output()
 def run_train(cfg: TrainConfig):
     """Train with the configured backend; returns the checkpoint directory out/model."""
     if cfg.backend == "megatron":

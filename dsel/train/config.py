@@ -90,7 +90,8 @@ class TrainConfig:
         if self.data_weights is not None and (min(self.data_weights) < 0 or sum(self.data_weights) <= 0):
             raise DselError("train config: data_weights must be non-negative with a positive sum")
         positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "lr": self.lr,
-                    "steps": self.steps or 1, "tokens": self.tokens or 1, "eval_batches": self.eval_batches}
+                    "steps": 1 if self.steps is None else self.steps,
+                    "tokens": 1 if self.tokens is None else self.tokens, "eval_batches": self.eval_batches}
         for name, value in positive.items():
             if value <= 0:
                 raise DselError(f"train config: '{name}' must be positive, got {value}")
