@@ -79,7 +79,8 @@ def _setup(batch_size=0, steps=3, checkpoint_every=1, n=6):
     model = tiny_lm(seed=4)
     proxy = random_tokens(n, 8, seed=5)
     target = random_tokens(3, 8, seed=6)
-    cfg = SolverConfig(steps=steps, lr=0.3, batch_size=batch_size, micro_batch=4, checkpoint_every=checkpoint_every)
+    cfg = SolverConfig(steps=steps, lr=0.3, batch_size=batch_size, micro_batch=4, checkpoint_every=checkpoint_every,
+                       tf32=False)
     solver = PMPSolver(model, proxy, target, cfg, show_progress=False)
     gamma = np.random.default_rng(7).dirichlet(np.ones(n))
     return model, proxy, target, cfg, solver, gamma
@@ -149,7 +150,7 @@ def test_gamma_moves_toward_copies_of_target_data():
     target = np.stack([(np.arange(length) + o) % 6 for o in range(6)])
     noise = rng.integers(6, vocab, size=(6, length))
     proxy = np.concatenate([target, noise])
-    cfg = SolverConfig(steps=4, lr=0.5, outer_epochs=3, alpha=0.02, micro_batch=12)
+    cfg = SolverConfig(steps=4, lr=0.5, outer_epochs=3, alpha=0.02, micro_batch=12, tf32=False)
     solver = PMPSolver(tiny_lm(seed=1, vocab_size=vocab), proxy, target, cfg, show_progress=False)
     objectives = []
     gamma = solver.solve(on_epoch=lambda e, g, obj: objectives.append(obj))
