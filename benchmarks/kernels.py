@@ -48,13 +48,17 @@ def torch_chunked_loss(h, W, y):
     return F.linear_cross_entropy(h, W, y, reduction="none", options=torch.nn.LinearCrossEntropyOptions()).float()
 
 
-def optional_implementations():
+def optional_implementations(device):
     """({column: per-token loss fn} of the anchors that import, {column: why one is missing})."""
     found, missing = {}, {}
     if hasattr(F, "linear_cross_entropy"):
         found["torch-lce"] = torch_chunked_loss
     else:
         missing["torch-lce"] = f"torch {torch.__version__} has no F.linear_cross_entropy"
+    if device.type != "cuda":
+        missing.update(liger="Liger-Kernel runs Triton on CUDA tensors only", cce="Cut Cross-Entropy runs Triton on "
+                       "CUDA tensors only")
+        return found, missing
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
         liger = LigerFusedLinearCrossEntropyLoss(reduction="none")
@@ -85,7 +89,7 @@ def bench_case(V, d, N, dtype, device, repeats):
     dh, dW = torch.randn_like(h), torch.randn_like(W) * d ** -0.5
     y = torch.randint(0, V, (N,), device=device, generator=gen)
     g = torch.rand(N, device=device, generator=gen)
-    anchors, missing = optional_implementations()
+    anchors, missing = optional_implementations(device)
     impls = {"torch": torch_loss, "dsel": kernels.linear_cross_entropy, **anchors}
     results = {}
     for name, loss_fn in impls.items():

@@ -18,8 +18,10 @@ CASES = all_cases()
 
 
 @pytest.fixture(scope="module")
-def reports(tmp_path_factory):
-    """{case: report or the compile error}, compiled in parallel in fresh processes."""
+def reports(request, tmp_path_factory):
+    """{case: report or the compile error} for the selected cases, compiled in parallel in fresh processes."""
+    selected = {item.callspec.params["case"] for item in request.session.items
+                if getattr(item, "callspec", None) and "case" in item.callspec.params}
     cache = tmp_path_factory.mktemp("triton-cache")
     with pytest.MonkeyPatch.context() as env:
         env.setenv("TRITON_CACHE_DIR", str(cache))
@@ -28,7 +30,7 @@ def reports(tmp_path_factory):
         workers = max(1, min(4, len(os.sched_getaffinity(0))))
         with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             # exact fp32 (FMA) configs compile slowest: start them first
-            order = sorted(CASES, key=lambda case: "ieee" not in case[0])
+            order = sorted(selected, key=lambda case: ("ieee" not in case[0], case))
             futures = {case: pool.submit(compile_report, *case) for case in order}
             out = {}
             for case, future in futures.items():
