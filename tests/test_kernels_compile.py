@@ -5,6 +5,7 @@ here (kernels/compile_check.py), in a pool of fresh processes without TRITON_INT
 Triton cache inside pytest's tmp folder.
 """
 import concurrent.futures as cf
+import json
 import multiprocessing
 import os
 
@@ -38,6 +39,9 @@ def reports(request, tmp_path_factory):
                     out[case] = future.result()
                 except Exception as e:  # a compile error is a failed case, reported by its test
                     out[case] = f"{type(e).__name__}: {str(e)[:400]}"
+    if os.environ.get("DSEL_COMPILE_REPORT"):  # optional: keep the table (e.g. for benchmarks/RESULTS.md)
+        with open(os.environ["DSEL_COMPILE_REPORT"], "w") as f:
+            json.dump([r for r in out.values() if isinstance(r, dict)], f, indent=1)
     return out
 
 

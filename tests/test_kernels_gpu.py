@@ -1,7 +1,8 @@
 """Compiled Triton kernels on a real GPU against the torch reference (skipped without CUDA).
 
 Every config of every variant is launched once (DSEL_KERNEL_CONFIG pins it), on a shape off the
-tile grid, for the loss, the three tangent sets of the JVP and the backward; then the autotuned
+tile grid, for the loss, the JVP (both tangents; each single tangent with the first config) and
+the backward; then the autotuned
 path, the bf16 head under autocast, and the absence of host syncs after tuning.
 """
 import pytest
@@ -38,11 +39,12 @@ def test_every_config_matches_the_reference(monkeypatch, index, dtype, tf32, tol
     ref = ReferenceBackend()
     with tf32_matmuls(False):
         ref_loss, _ = ref.forward(h, W, y)
-        ref_tangents = [ref.jvp(h, a, W, b, y)[1] for a, b in ((dh, dW), (dh, None), (None, dW))]
+        pairs = ((dh, dW), (dh, None), (None, dW)) if index == 0 else ((dh, dW),)  # one-tangent sets: config 0
+        ref_tangents = [ref.jvp(h, a, W, b, y)[1] for a, b in pairs]
         ref_grads = ref.backward(h, W, y, None, c["upstream"].cuda())
     with tf32_matmuls(tf32):
         loss = kernels.linear_cross_entropy(h, W, y)
-        tangents = [kernels.linear_cross_entropy_jvp(h, a, W, b, y)[1] for a, b in ((dh, dW), (dh, None), (None, dW))]
+        tangents = [kernels.linear_cross_entropy_jvp(h, a, W, b, y)[1] for a, b in pairs]
         hh, WW = h.clone().requires_grad_(), W.clone().requires_grad_()
         budget = 1000 * SHAPE[0] * h.element_size()  # several vocabulary chunks, the last one short
         out = LinearCrossEntropyFunction.apply(hh, WW, y, K.TritonBackend(budget_bytes=budget))[0]
