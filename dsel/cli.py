@@ -32,6 +32,7 @@ COMMAND_MODULES: list[str] = [
     "dsel.train.commands",
     "dsel.eval.commands",
     "dsel.pipeline.commands",
+    "dsel.models.commands",
 ]
 
 # A one-word command that is also a group ("score" next to "score merge") is the group's `run`.

@@ -1,16 +1,17 @@
-"""`dsel tokenize`: corpus files -> sentencepiece tokens -> Megatron indexed dataset.
+"""`dsel tokenize`: corpus files -> tokens -> Megatron indexed dataset.
 
-Reads jsonl (optionally gzipped), parquet and plain text; trains a sentencepiece model (or loads
-one); encodes with several worker processes; appends EOD (the model's EOS id) to every document;
-writes `<output>.bin/.idx`, the document-id sidecar `<output>.docids.jsonl` and
-`<output>.meta.json` (vocabulary size, tokenizer path and sha256, dtype, EOD id).
+Reads jsonl (optionally gzipped), parquet and plain text; loads a tokenizer (sentencepiece or Hugging
+Face, see dsel.data.tokenizer) or trains a sentencepiece model; encodes with several worker processes;
+appends EOD (the tokenizer's EOS id) to every document; writes `<output>.bin/.idx`, the document-id
+sidecar `<output>.docids.jsonl` and `<output>.meta.json` (the tokenizer's identity: kind, path, sha256,
+vocabulary size, EOD id; and the dtype).
 """
 from __future__ import annotations
 
 import glob
 import gzip
-import hashlib
 import io
+import itertools
 import json
 import logging
 import multiprocessing
@@ -23,7 +24,8 @@ import numpy as np
 
 from dsel.config import option
 from dsel.errors import DselError, file_error
-from dsel.io import atomic_path, progress, require_file
+from dsel.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from dsel.io import progress, require_file
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,8 @@ OWN_OUTPUT_SUFFIXES = (".docids.jsonl", ".meta.json")  # what `dsel tokenize` wr
 class TokenizeConfig:
     input: str = option(help="corpus: a .jsonl[.gz]/.parquet/.txt file, a directory of them, or a glob")
     output: str = option(help="output prefix: writes <output>.bin/.idx/.docids.jsonl/.meta.json")
-    tokenizer: str = option("", "sentencepiece .model to load; empty: train one and save it as <output>.model")
+    tokenizer: str = option("", "tokenizer to load: a sentencepiece .model, a Hugging Face tokenizer.json or a "
+                                "save_pretrained folder; empty: train a sentencepiece model, saved as <output>.model")
     vocab_size: int = option(8000, "vocabulary size when training the tokenizer (an upper bound on tiny corpora)")
     model_type: Literal["bpe", "unigram"] = option("bpe", "sentencepiece model type when training")
     train_docs: int = option(50000, "documents sampled from the start of the corpus to train the tokenizer")
@@ -46,46 +49,6 @@ class TokenizeConfig:
     text_unit: Literal["line", "file"] = option("line", "plain text: one document per non-empty line, or per file")
     workers: int = option(2, "encoding worker processes")
     chunk_docs: int = option(256, "documents per work item sent to a worker")
-
-
-class Tokenizer:
-    """A sentencepiece model: `encode(texts) -> list[list[int]]`, `vocab_size`, `eod_id` (its EOS)."""
-
-    def __init__(self, path: str | os.PathLike):
-        import sentencepiece as spm
-
-        self.path = str(require_file(path, "tokenizer model"))
-        try:
-            self._sp = spm.SentencePieceProcessor(model_file=self.path)
-        except (RuntimeError, OSError) as e:
-            raise file_error(self.path, f"not a sentencepiece model ({str(e).splitlines()[0]})") from None
-        self.vocab_size: int = self._sp.get_piece_size()
-        self.eod_id: int = self._sp.eos_id()
-        if self.eod_id < 0:
-            raise file_error(self.path, "the sentencepiece model has no EOS piece to use as end-of-document")
-
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        return self._sp.encode(list(texts))
-
-    def decode(self, ids) -> str:
-        return self._sp.decode([int(i) for i in ids])
-
-    @property
-    def sha256(self) -> str:
-        return file_sha256(self.path)
-
-
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Load a sentencepiece model (DselError naming the file if missing or not a model)."""
-    return Tokenizer(path)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---- reading the corpus: (document id, text) pairs ----
@@ -190,28 +153,10 @@ def read_documents(files: list[Path], cfg: TokenizeConfig) -> Iterator[tuple[str
 
 # ---- training the tokenizer ----
 
-def train_tokenizer(files: list[Path], cfg: TokenizeConfig, model_path: str | os.PathLike) -> Tokenizer:
-    """Train a sentencepiece model on the first `train_docs` documents (lines as sentences)."""
-    import sentencepiece as spm
-
-    def sentences():
-        for k, (_, text) in enumerate(read_documents(files, cfg)):
-            if k >= cfg.train_docs:
-                return
-            yield from (line for line in text.split("\n") if line.strip())
-
-    model = io.BytesIO()
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=sentences(), model_writer=model, vocab_size=cfg.vocab_size, model_type=cfg.model_type,
-            hard_vocab_limit=False, character_coverage=1.0, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-            num_threads=max(1, cfg.workers), minloglevel=2,
-        )
-    except RuntimeError as e:
-        raise DselError(f"{cfg.input}: tokenizer training failed ({str(e).splitlines()[0]})") from None
-    with atomic_path(model_path) as tmp:
-        tmp.write_bytes(model.getvalue())
-    return Tokenizer(model_path)
+def train_corpus_tokenizer(files: list[Path], cfg: TokenizeConfig, model_path: str | os.PathLike) -> Tokenizer:
+    """Train a sentencepiece model on the first `train_docs` documents of the corpus."""
+    texts = (text for _, text in itertools.islice(read_documents(files, cfg), cfg.train_docs))
+    return train_tokenizer(texts, model_path, cfg.vocab_size, cfg.model_type, cfg.workers, cfg.input)
 
 
 # ---- encoding with worker processes ----
@@ -221,7 +166,7 @@ _worker_tokenizer: Tokenizer | None = None
 
 def _init_worker(model_path: str) -> None:
     global _worker_tokenizer
-    _worker_tokenizer = Tokenizer(model_path)
+    _worker_tokenizer = load_tokenizer(model_path)
 
 
 def _encode_chunk(chunk: tuple[list[str], list[str]]) -> tuple[list[str], list[np.ndarray]]:
@@ -270,7 +215,7 @@ def tokenize_corpus(cfg: TokenizeConfig) -> dict:
         tokenizer = load_tokenizer(cfg.tokenizer)
     else:
         log.info("training a %s tokenizer (vocab_size %d) on %s", cfg.model_type, cfg.vocab_size, cfg.input)
-        tokenizer = train_tokenizer(files, cfg, f"{cfg.output}.model")
+        tokenizer = train_corpus_tokenizer(files, cfg, f"{cfg.output}.model")
     dtype = np.dtype(best_dtype(tokenizer.vocab_size))
     doc_ids = []
     with IndexedDatasetWriter(cfg.output, dtype) as writer:
@@ -280,11 +225,8 @@ def tokenize_corpus(cfg: TokenizeConfig) -> dict:
     dataset = IndexedDataset(cfg.output, vocab_size=tokenizer.vocab_size)  # re-read, check every token id
     write_doc_ids(cfg.output, doc_ids)
     meta = {
-        "vocab_size": tokenizer.vocab_size,
-        "tokenizer": str(Path(tokenizer.path).resolve()),
-        "tokenizer_sha256": tokenizer.sha256,
+        **tokenizer.identity(),
         "dtype": dtype.name,
-        "eod_id": tokenizer.eod_id,
         "num_documents": len(doc_ids),
         "num_tokens": dataset.num_tokens,
         "inputs": [str(f) for f in files],

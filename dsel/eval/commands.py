@@ -35,7 +35,7 @@ class EvalLossConfig:
 class LmEvalConfig:
     checkpoint: str = option(help="GPT checkpoint directory (its meta names the tokenizer)")
     tasks: list[str] = option(["dsel_science_facts"], "lm-eval task names")
-    tokenizer: str = option("", "sentencepiece model; '' = the one recorded in the checkpoint's meta")
+    tokenizer: str = option("", "tokenizer (sentencepiece .model, tokenizer.json or folder); '' = the checkpoint's")
     include_path: str = option("", "extra directory of task YAMLs (dsel's bundled tasks are always included)")
     builtin_tasks: bool = option(True, "also index lm-eval's built-in tasks (slower start; off for bundled tasks only)")
     num_fewshot: Optional[int] = option(None, "few-shot examples; None = the task's default")
@@ -52,11 +52,11 @@ def run_loss(cfg: EvalLossConfig) -> dict:
     from dsel.models.checkpoint import load_model
 
     device = resolve_device(cfg.device)
-    model, _ = load_model(cfg.checkpoint, device)
+    model, meta = load_model(cfg.checkpoint, device)
     if not hasattr(model, "sequence_losses"):
         raise DselError(f"{cfg.checkpoint}: holds a '{model.arch}' model, not a GPT language model")
     window = cfg.window or model.config.seq_len + 1
-    losses = heldout_losses(model, cfg.data, window, cfg.batch_size, cfg.max_batches, device)
+    losses = heldout_losses(model, cfg.data, window, cfg.batch_size, cfg.max_batches, device, cfg.checkpoint, meta)
     out = cfg.out or str(Path(cfg.checkpoint) / "heldout_loss.json")
     write_json(out, {"checkpoint": cfg.checkpoint, "window": window, "losses": losses})
     for name, row in losses.items():

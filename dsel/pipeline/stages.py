@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from dsel.errors import DselError
 from dsel.io import read_json, write_json
 from dsel.pipeline.config import BUNDLED, PipelineConfig
 from dsel.pipeline.runner import StageRunner
+from dsel.train.config import padded_vocab_size
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class Pipeline:
         save_config(self.cfg, self.runner.run_dir / "config.yaml")
         self.tokenize()
         meta = read_json(self.data / "pool.meta.json")
-        vocab_size = 128 * math.ceil(meta["vocab_size"] / 128)
+        vocab_size = padded_vocab_size(meta["vocab_size"])
         settings = self.stage_settings(vocab_size)
         prior = self.train("prior", settings["prior"][1], after=["tokenize"])
         window = read_json(prior / "config.json")["model"]["seq_len"] + 1
@@ -158,7 +158,8 @@ class Pipeline:
         data = self.cfg.data
         common = {"text_field": data.text_field, "id_field": data.id_field, "workers": data.workers}
         pool = resolve_input(data.pool, "pool.jsonl.gz")
-        meta = tokenize_corpus(TokenizeConfig(input=pool, output=str(out / "pool"), vocab_size=data.vocab_size, **common))
+        meta = tokenize_corpus(TokenizeConfig(input=pool, output=str(out / "pool"), vocab_size=data.vocab_size,
+                                              tokenizer=data.tokenizer, **common))
         write_domains(out / "pool", pool, data)
         inputs = {"target": resolve_input(data.target, "target.jsonl.gz"), **validation_inputs(data)}
         for name, path in inputs.items():
