@@ -2,11 +2,12 @@
 
 Three implementations of the fused head: `triton` (the kernels: compiled for CUDA tensors, or
 all launches interpreted when TRITON_INTERPRET=1 was set before Triton's import, which CPU
-tensors need), `reference` (plain torch, logits chunked over tokens, recomputed in
-backward) and `torch` (plain torch with all [N, V] fp32 logits materialised; forward-mode JVPs
-use the reference, which is one chunk at such sizes). `auto` (default) runs compiled Triton on
-CUDA tensors (the reference when Triton is interpreted); on CPU it runs `torch` while the logits stay below PLAIN_LOGITS_LIMIT elements (fastest,
-and no more memory than the materialised baseline) and the chunked `reference` above. The
+tensors need), `reference` (plain torch, logits chunked over tokens, recomputed in backward)
+and `torch` (plain torch with all [N, V] fp32 logits materialised; forward-mode JVPs use the
+reference, which is one chunk at such sizes). `auto` (default) runs compiled Triton on CUDA
+tensors (the reference when Triton is interpreted); on CPU it runs `torch` while the logits
+stay below PLAIN_LOGITS_LIMIT elements (fastest, and no more memory than the materialised
+baseline) and the chunked `reference` above. The
 environment variable DSEL_KERNELS forces one of them; DSEL_KERNEL_CONFIG pins the Triton tiles
 (kernels/linear_ce_triton.py).
 """

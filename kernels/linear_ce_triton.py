@@ -157,7 +157,7 @@ class Variant:
     """One compiled form of a kernel: which kernel, operand dtype, dot precision, tangent flags."""
 
     kernel: str  # "sweep" (forward / JVP) or "grad" (backward logits gradient)
-    dtype: str  # "bf16" (also used for fp16) or "fp32"
+    dtype: str  # "bf16" or "fp32" (fp16, which dsel does not use, takes bf16's tiles unchecked)
     precision: str = "tf32"  # tl.dot input precision for fp32 operands: "tf32" or "ieee"
     has_dh: bool = False
     has_dw: bool = False
@@ -180,8 +180,9 @@ class Variant:
 
 
 # Tile shapes (BLOCK_N, BLOCK_V, BLOCK_D, warps, stages) per (kernel, operand dtype / precision,
-# JVP: tangent tiles and a second accumulator beside the logits). Each list fits 166,912 B of shared memory (sm_80; sm_90: 232,448)
-# and compiles without register spills: tests/test_kernels_compile.py checks every entry.
+# JVP: tangent tiles and a second accumulator beside the logits). Each entry fits 166,912 B of
+# shared memory (sm_80; sm_90: 232,448) and compiles without register spills for both; the JVP
+# lists hold for each tangent set. tests/test_kernels_compile.py checks every entry.
 _CONFIGS = {
     ("sweep", "bf16", False): [(128, 128, 64, 8, 3), (64, 256, 64, 8, 3), (64, 128, 64, 4, 4)],
     ("sweep", "bf16", True): [(64, 128, 32, 8, 3), (64, 64, 32, 4, 3)],

@@ -45,11 +45,12 @@ def kernel_lines(bench, peak) -> list[str]:
     if not bench:
         return ["Fused head: no result."]
     lines = ["| V | d | N | mode | " + " | ".join(["dsel", "torch", "torch-lce", "liger", "cce"]) +
-             " | dsel MFU | memory torch/dsel |", "|---" * 10 + "|"]
+             " | dsel MFU | memory torch/dsel |", "|---" * 11 + "|"]
     for row in bench["rows"]:
         res = row["results"]
         for mode in ("forward", "fwd+bwd", "jvp"):
-            cell = lambda name: f"{res[name][mode]['seconds'] * 1e3:.2f} ms" if name in res and mode in res[name] else "–"
+            def cell(name):
+                return f"{res[name][mode]['seconds'] * 1e3:.2f} ms" if mode in res.get(name, {}) else "–"
             t = res["dsel"][mode]["seconds"]
             flops = {"forward": 2, "fwd+bwd": 6, "jvp": 6}[mode] * row["vocab"] * row["dim"] * row["tokens"]
             mem = row["ratios"].get(f"{mode}_mem_torch_over_dsel")
