@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_validate_dry_run_runs_every_step_and_writes_the_results_section(tmp_path):
     out = tmp_path / "validate"
     run = subprocess.run(["bash", str(ROOT / "scripts/gpu/validate.sh"), "--dry-run", "--out", str(out)],
-                         capture_output=True, text=True, timeout=1800)
+                         capture_output=True, text=True, timeout=3600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
     names = [s["step"] for s in steps]

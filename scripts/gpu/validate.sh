@@ -42,7 +42,7 @@ fi
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to NAME.log, record the outcome
   local name=$1 limit=$2; shift 2
-  [ "$DRY" = 1 ] && [ "$limit" -lt 300 ] && limit=300  # toy sizes, but on a CPU that may be shared
+  [ "$DRY" = 1 ] && [ "$limit" -lt 600 ] && limit=600  # toy sizes, but on a CPU that may be shared
   local start=$SECONDS
   echo "== $name (limit ${limit}s)"
   if [ "$(type -t "$1")" = function ]; then  # a function of this script: run it in a child bash
@@ -113,7 +113,7 @@ if [ "$DRY" = 1 ]; then
     --micro-batch 2 --repeats 1 --peak-tflops "$PEAK" --out "$OUT/score.json"
   step train_bench 300 python3 benchmarks/train.py --preset tiny --seq-len 16 --batch-size 2 --repeats 1 \
     --out "$OUT/train.json"
-  step pmp_bench 300 python3 benchmarks/pmp.py --device cpu --model tiny --batch 3 --micro-batch 2 --target 2 \
+  step pmp_bench 300 python3 benchmarks/pmp.py --device cpu --model tiny --batch 2 --micro-batch 2 --target 1 \
     --out "$OUT/pmp.json"
 else
   step parity 90 python3 scripts/gpu/parity.py --out "$OUT/parity.json"
