@@ -95,3 +95,13 @@ def test_pmp_benchmark_dots_agree(tmp_path):
     result = read_json(out)
     assert result["dot_relative_error"] < 1e-3  # the JVP dots equal the per-example backward ones
     assert result["speedup_vs_naive"] > 0 and 0 < result["solve_fraction_of_pretraining"]
+
+
+def test_generate_benchmark(tmp_path, capsys):
+    bench = load_benchmark("generate")
+    out = tmp_path / "bench.json"
+    bench.main(["--device", "cpu", "--preset", "tiny", "--prompt", "10", "--new-tokens", "4", "--repeats", "1",
+                "--out", str(out)])
+    result = read_json(out)
+    assert set(result["rows"]) == {"kv cache", "rerun window"} and result["speed_ratio"] > 0
+    assert "ratios:" in capsys.readouterr().out

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from dsel.cli import main
 from dsel.data.indexed import IndexedDataset
@@ -22,7 +23,6 @@ from dsel.models.checkpoint import load_model, save_model
 from dsel.models.config import PRESETS, GPTConfig
 from dsel.models.gpt import GPT
 
-transformers = pytest.importorskip("transformers")
 BUNDLED = Path(__file__).resolve().parent.parent / "dsel" / "data" / "bundled"
 EOS = "<|endoftext|>"
 
