@@ -67,15 +67,20 @@ def test_select_benchmark(tmp_path, capsys):
 
 
 def test_train_benchmark_both_backends(tmp_path, capsys):
+    """torch in this process, megatron at TP=2 under torchrun (2 gloo ranks): each rank holds half the matrices."""
     bench = load_benchmark("train")
     out = tmp_path / "bench.json"
-    bench.main(["--preset", "tiny", "--seq-len", "16", "--batch-size", "2", "--repeats", "1", "--out", str(out)])
+    bench.main(["--preset", "tiny", "--seq-len", "16", "--batch-size", "2", "--repeats", "1", "--layouts", "2/1",
+                "--report-memory", "--out", str(out)])
     result = read_json(out)
-    assert [r["backend"] for r in result["rows"]] == ["torch", "megatron"]
+    assert [(r["backend"], r["tp"], r["pp"]) for r in result["rows"]] == [("torch", 1, 1), ("megatron", 2, 1)]
     assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] for r in result["rows"])
-    assert result["ratio_megatron_over_torch"] > 0 and result["model"]["seq_len"] == 16
-    assert "ratio megatron/torch" in capsys.readouterr().out
-    assert not torch.distributed.is_initialized()  # the megatron world is torn down
+    megatron = result["rows"][1]
+    assert len(megatron["peak_memory_bytes"]) == 2 and len(set(megatron["params_per_rank"])) == 1
+    assert sum(megatron["params_per_rank"]) < 2 * result["num_params"] and result["model"]["seq_len"] == 16
+    assert result["ratios_megatron_over_torch"]["2/1"] > 0
+    assert "ratio megatron 2/1 / torch" in capsys.readouterr().out
+    assert not torch.distributed.is_initialized()
 
 
 def test_loader_benchmark(tmp_path, capsys):
@@ -95,6 +100,16 @@ def test_pmp_benchmark_dots_agree(tmp_path):
     result = read_json(out)
     assert result["dot_relative_error"] < 1e-3  # the JVP dots equal the per-example backward ones
     assert result["speedup_vs_naive"] > 0 and 0 < result["solve_fraction_of_pretraining"]
+
+
+def test_tokenize_benchmark(tmp_path, capsys):
+    bench = load_benchmark("tokenize")
+    out = tmp_path / "bench.json"
+    bench.main(["--docs", "120", "--files", "2", "--vocab", "300", "--out", str(out)])  # exits unless outputs are identical
+    rows = read_json(out)["rows"]
+    assert [r["workers"] for r in rows] == [1, 2]
+    assert all(r["dsel"]["docs"] == r["megatron"]["docs"] == 120 and r["dsel_over_megatron"] > 0 for r in rows)
+    assert "dsel/megatron" in capsys.readouterr().out
 
 
 def test_generate_benchmark(tmp_path, capsys):

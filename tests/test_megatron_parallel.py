@@ -1,7 +1,10 @@
 """megatron backend under torchrun (2 CPU processes, gloo): TP=2, PP=2 and DP=2 (distributed optimizer)
-train the same model on the same samples as the torch backend, to the same losses and weights."""
+train the same model on the same samples as the torch backend, to the same losses and weights; a sharded
+checkpoint saved at one layout resumes at another (and on one process) to the same losses; each rank
+builds only its own shard."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,8 +38,12 @@ LAYOUTS = {
     "pp2": ({"pp": 2}, {"tie_embeddings": True, "norm": "rmsnorm"}),
     "dp2": ({"distributed_optimizer": True}, {"activation": "gelu", "bias": True, "n_query_groups": None}),
     "pp2-bf16": ({"pp": 2}, {}),
+    "dp2-overlap": ({"distributed_optimizer": True, "overlap": True},
+                    {"activation": "gelu", "bias": True, "n_query_groups": None}),
 }
+REFERENCE = {"dp2-overlap": "dp2"}  # layouts compared with another layout's torch run (same model)
 PRECISION = {"pp2-bf16": "bf16"}
+PROBES = {"tp2": {"tp": 2}, "pp2": {"pp": 2}}  # layouts whose per-rank construction is measured
 
 
 def settings(tmp_path, data, name, model_changes, **overrides):
@@ -94,23 +101,37 @@ def runs(tmp_path_factory):
     extra = {name: {"precision": PRECISION.get(name, "fp32")} for name in LAYOUTS}
     extra["tp2"]["weights"] = str(tmp_path / "weights.npy")
     for name, (_, changes) in LAYOUTS.items():
+        if name in REFERENCE:
+            continue
         torch_backend.train(from_dict(TrainConfig, settings(tmp_path, data, f"{name}-torch", changes, backend="torch",
                                                             **extra[name])))
     dp2_layout, dp2_changes = LAYOUTS["dp2"]
     resumed = settings(tmp_path, data, "dp2-resumed", dp2_changes, parallel=dp2_layout, save_every=3, interrupt_after=4)
+    # Saved after step 3 at one layout, resumed in copies of out/ at others (the checkpoint is resharded).
+    tp2_reshard = settings(tmp_path, data, "tp2-reshard", {}, parallel=LAYOUTS["tp2"][0], save_every=3,
+                           interrupt_after=3, resume_as=[{"out": str(tmp_path / "reshard-pp2"), "parallel": {"pp": 2}},
+                                                         {"out": str(tmp_path / "reshard-tp1"), "parallel": {}}],
+                           **extra["tp2"])
+    dp2_reshard = settings(tmp_path, data, "dp2-reshard", dp2_changes, parallel=dp2_layout, save_every=3,
+                           interrupt_after=3, resume_as=[{"out": str(tmp_path / "reshard-dp2-tp2"),
+                                                          "parallel": {"tp": 2, "distributed_optimizer": True}}])
+    probes = [{"probe": settings(tmp_path, data, "probe", {}, parallel=layout), "record": str(tmp_path / f"probe-{name}")}
+              for name, layout in PROBES.items()]
     torchrun(tmp_path, [settings(tmp_path, data, name, changes, parallel=layout, **extra[name])
-                        for name, (layout, changes) in LAYOUTS.items()] + [resumed])
+                        for name, (layout, changes) in LAYOUTS.items()] + [resumed, tp2_reshard, dp2_reshard] + probes)
     return tmp_path
 
 
 @pytest.mark.parametrize("layout", [name for name in LAYOUTS if name not in PRECISION])
 def test_layout_matches_torch_backend(runs, layout):
+    """dp2-overlap: grad reduce overlapped with the backward, param all-gather with the next forward."""
     losses, valid = read_log(runs / layout)
-    ref_losses, ref_valid = read_log(runs / f"{layout}-torch")
+    reference = f"{REFERENCE.get(layout, layout)}-torch"
+    ref_losses, ref_valid = read_log(runs / reference)
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.2  # it learns
     torch.testing.assert_close(losses, ref_losses, atol=1e-5, rtol=0)
     torch.testing.assert_close(valid, ref_valid, atol=1e-5, rtol=0)
-    assert_same_weights(runs / layout / "model", runs / f"{layout}-torch" / "model")
+    assert_same_weights(runs / layout / "model", runs / reference / "model")
 
 
 def test_bf16_matches_torch_backend_autocast(runs):
@@ -149,6 +170,16 @@ def test_bad_layout_is_one_line_error(changes, tp, pp, world, message):
         check_parallel_sizes(config, tp, pp, world)
 
 
+@pytest.mark.parametrize("tp,message", [(2, "sequence_parallel needs Transformer Engine"),
+                                        (1, "sequence_parallel needs parallel.tp > 1")])
+def test_sequence_parallel_without_te_is_one_line_error(tmp_path, tp, message):
+    """No Transformer Engine here (CPU): megatron-core's local spec cannot split norms over the sequence."""
+    data = write_counting_dataset(tmp_path / "train", vocab=MODEL["vocab_size"])
+    cfg = from_dict(TrainConfig, settings(tmp_path, data, "sp", {}, parallel={"tp": tp, "sequence_parallel": True}))
+    with pytest.raises(DselError, match=message):
+        backend.check_layout(cfg, torch_backend.model_config(cfg), 2)
+
+
 def test_train_refuses_layout_before_starting_processes(tmp_path):
     data = write_counting_dataset(tmp_path / "train", vocab=MODEL["vocab_size"])
     cfg = from_dict(TrainConfig, settings(tmp_path, data, "bad", {}, parallel={"tp": 2}))
@@ -171,3 +202,84 @@ def test_dsel_train_command_under_torchrun(tmp_path):
     one_process = [arg if arg != "2" else "1" for arg in base]
     returncode, stderr = run_group(one_process + [f"out={tmp_path / 'bad'}", "parallel.tp=2"], tmp_path, env)
     assert returncode != 0 and "dsel train: error: train config: world size 1 is not divisible by tp*pp" in stderr
+
+
+@pytest.mark.parametrize("resumed", ["reshard-pp2", "reshard-tp1"])
+def test_tp2_checkpoint_resumes_at_another_layout(runs, resumed):
+    """Saved at TP=2 after step 3, resumed at PP=2 (dp 1) and at TP=1 (dp 2): the next steps' losses and the final
+    weights of the uninterrupted runs (TP=2 and the torch backend)."""
+    losses, valid = read_log(runs / resumed)
+    torch.testing.assert_close(losses, read_log(runs / "tp2")[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(losses, read_log(runs / "tp2-torch")[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(valid, read_log(runs / "tp2-torch")[1], atol=1e-5, rtol=0)
+    assert_same_weights(runs / resumed / "model", runs / "tp2-torch" / "model")
+    meta = json.loads((runs / resumed / "model" / "meta.json").read_text())
+    layout = {"reshard-pp2": (1, 2, 1), "reshard-tp1": (1, 1, 2)}[resumed]
+    assert (meta["parallel"]["tp"], meta["parallel"]["pp"], meta["parallel"]["dp"]) == layout
+
+
+def test_distributed_optimizer_state_reshards(runs):
+    """Distributed optimizer at DP=2 saved after step 3, resumed at TP=2 (its state regathered): the DP=2 run's losses."""
+    torch.testing.assert_close(read_log(runs / "reshard-dp2-tp2")[0], read_log(runs / "dp2")[0], atol=1e-5, rtol=0)
+    assert_same_weights(runs / "reshard-dp2-tp2" / "model", runs / "dp2-torch" / "model")
+
+
+def test_tp2_checkpoint_resumes_on_one_process(runs, tmp_path):
+    """Another world size: the TP=2 checkpoint of step 3 continued by `dsel train` in one process (no torchrun)."""
+    shutil.copytree(runs / "tp2-reshard", tmp_path / "one")
+    cmd = [sys.executable, "-m", "dsel", "train", "-c", str(tmp_path / "one" / "config.yaml"), f"out={tmp_path / 'one'}",
+           "parallel.tp=1"]
+    env = {**os.environ, "DSEL_PROGRESS": "0", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    returncode, stderr = run_group(cmd, tmp_path, env)
+    assert returncode == 0, stderr[-3000:]
+    torch.testing.assert_close(read_log(tmp_path / "one")[0], read_log(runs / "tp2-torch")[0], atol=1e-5, rtol=0)
+
+
+def full_gpt_params(tmp_path) -> dict[str, int]:
+    """Parameter name -> element count of the full model (the torch backend's)."""
+    data = write_counting_dataset(tmp_path / "train", vocab=MODEL["vocab_size"])
+    gpt = torch_backend.build_model(from_dict(TrainConfig, settings(tmp_path, data, "full", {})))
+    return {name: p.numel() for name, p in gpt.named_parameters()}
+
+
+def test_each_rank_builds_only_its_shard(runs, tmp_path):
+    """TP=2: each rank holds half of every matrix and a copy of the norms; PP=2: stage 0 the embedding and layer 0,
+    stage 1 layer 1, the final norm and the head. The worker refuses to build a full dsel GPT on any rank."""
+    full = full_gpt_params(tmp_path)
+    rows = {name: sorted((json.loads((runs / f"probe-{name}.{r}.json").read_text()) for r in range(2)),
+                         key=lambda row: (row["pp_rank"], row["tp_rank"])) for name in PROBES}
+    norms = sum(n for name, n in full.items() if "layernorm" in name)
+    assert [row["params"] for row in rows["tp2"]] == [(sum(full.values()) - norms) // 2 + norms] * 2
+    first_stage = sum(n for name, n in full.items() if name.startswith(("embedding.", "decoder.layers.0.")))
+    assert [row["params"] for row in rows["pp2"]] == [first_stage, sum(full.values()) - first_stage]
+    assert all(row["params"] < sum(full.values()) for layout in rows.values() for row in layout)
+
+
+def test_export_writes_a_dsel_checkpoint(runs, tmp_path):
+    """`dsel export dsel` of a run's last sharded checkpoint: the weights the run's own model/ holds, loadable by dsel."""
+    from dsel.cli import main
+    from dsel.models.checkpoint import load_model
+
+    assert main(["export", "dsel", f"model={runs / 'reshard-pp2'}", f"out={tmp_path / 'exported'}"]) in (0, None)
+    model, meta = load_model(tmp_path / "exported")
+    reference = read_weights(runs / "reshard-pp2" / "model")
+    assert all(torch.equal(model.state_dict()[k], reference[k]) for k in reference) and meta["step"] == 6
+
+
+def test_checkpoint_of_another_architecture_is_one_line_error(runs):
+    data = str(runs / "train")
+    cfg = from_dict(TrainConfig, settings(runs, data, "tp2", {"d_model": 64}, parallel={"tp": 2}))
+    with pytest.raises(DselError, match="step-6: checkpoint of another architecture: d_model=32, this run has d_model=64"):
+        backend.load_state(cfg, torch_backend.model_config(cfg), None, None)
+
+
+def test_missing_shard_is_one_line_error(runs, tmp_path):
+    from dsel.train.megatron import checkpoint
+
+    broken = tmp_path / "broken"
+    shutil.copytree(runs / "tp2" / "state" / "megatron", broken)
+    shard = sorted((broken / "step-6").glob("*.distcp"))[-1]
+    shard.unlink()
+    with pytest.raises(DselError, match=f"{shard.name}: shard missing"):
+        checkpoint.export(broken, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -17,7 +17,13 @@ def test_run_configs_check(name):
     Pipeline(cfg).check()
 
 
-def test_pretrain_config_loads_with_the_megatron_backend():
-    cfg = load_config(TrainConfig, CONFIGS / "pretrain-1b-tp-pp.yaml")
-    assert cfg.backend == "megatron" and cfg.parallel.tp == 2 and cfg.parallel.pp == 2
-    assert cfg.model_config().n_layer == 24
+@pytest.mark.parametrize("name,params", [("pretrain-1b-tp-pp.yaml", 1.2e9), ("pretrain-pds-1.7b.yaml", 1.7e9)])
+def test_pretrain_configs_fit_8_gpus_with_the_official_batch(name, params):
+    """The official PDS runs' 512 x 1024-token steps, and a layout that divides the model on 8 GPUs."""
+    from dsel.train.megatron.backend import check_layout
+
+    cfg = load_config(TrainConfig, CONFIGS / name)
+    config = cfg.model_config()
+    assert cfg.backend == "megatron" and cfg.samples_per_step == 512 and config.seq_len == 1024
+    assert check_layout(cfg, config, 8) == 8 // (cfg.parallel.tp * cfg.parallel.pp)
+    assert params < config.num_params() < params * 1.15

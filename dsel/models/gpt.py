@@ -12,6 +12,7 @@ evaluation never materialise the [tokens x vocab] logits; `forward` does, for sm
 """
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -21,6 +22,32 @@ from torch import nn
 from dsel.models.config import GPTConfig
 
 IGNORE_INDEX = -100
+
+
+def parameter_generator(seed: int, name: str) -> torch.Generator:
+    """The RNG of one parameter's init, a function of (seed, name) alone.
+
+    Any tensor of a model, hence any tensor- or pipeline-parallel shard of it, can then be drawn
+    without drawing the others: the megatron backend builds only its rank's shard and still
+    starts from exactly the weights the torch backend starts from.
+    """
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+@torch.no_grad()
+def init_parameter_(name: str, p: torch.Tensor, config: GPTConfig, generator: torch.Generator | None = None) -> None:
+    """Megatron's init of parameter `name`: N(0, std) weights, std/sqrt(2*layers) for the residual outputs,
+    unit norm weights, zero biases."""
+    std = config.init_std
+    if "layernorm" in name:
+        p.fill_(1.0 if name.endswith("weight") else 0.0)
+    elif name.endswith("bias"):
+        p.zero_()
+    elif name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        p.normal_(0.0, std / math.sqrt(2 * config.n_layer), generator=generator)
+    else:
+        p.normal_(0.0, std, generator=generator)
 
 
 def make_norm(config: GPTConfig) -> nn.Module:
@@ -130,18 +157,10 @@ class GPT(nn.Module):
             self.output_layer = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """Megatron's init: N(0, std) weights, std/sqrt(2*layers) for the residual outputs, zero biases."""
-        std = self.config.init_std
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Megatron's init (see init_parameter_); with `seed`, each tensor from its own parameter_generator."""
         for name, p in self.named_parameters():
-            if "layernorm" in name:
-                nn.init.ones_(p) if name.endswith("weight") else nn.init.zeros_(p)
-            elif name.endswith("bias"):
-                nn.init.zeros_(p)
-            elif name.endswith(("linear_proj.weight", "linear_fc2.weight")):
-                nn.init.normal_(p, std=std / math.sqrt(2 * self.config.n_layer))
-            else:
-                nn.init.normal_(p, std=std)
+            init_parameter_(name, p, self.config, None if seed is None else parameter_generator(seed, name))
 
     @property
     def head_weight(self) -> torch.Tensor:

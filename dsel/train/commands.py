@@ -4,12 +4,16 @@
     dsel train -c configs/train.yaml backend=megatron parallel.tp=2     # under torchrun
 
 Running the same command again after a kill resumes from the last checkpoint in `out`.
+
+    dsel export dsel model=runs/main out=runs/main/model-step-3000   # a megatron run's sharded checkpoint -> dsel
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from dsel.cli import Command
+from dsel.config import option
 from dsel.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -26,5 +30,26 @@ def run_train(cfg: TrainConfig):
     return path
 
 
-COMMANDS = [Command("train", "pretrain or fine-tune a GPT (torch or megatron backend); resumes after a kill",
-                    TrainConfig, run_train)]
+@dataclass
+class ExportDselConfig:
+    """`dsel export dsel`: one dsel checkpoint from a megatron backend's sharded checkpoint (any layout)."""
+
+    model: str = option(help="a megatron run's out/ (its latest checkpoint), out/state/megatron/, or a step-N folder")
+    out: str = option(help="the dsel checkpoint folder to write (model.pt, config.json, meta.json)")
+
+
+def run_export_dsel(cfg: ExportDselConfig):
+    """Read the checkpoint's weights in this one process and write them as a dsel checkpoint."""
+    from dsel.train.megatron.checkpoint import export
+
+    path = export(cfg.model, cfg.out)
+    log.info("dsel checkpoint: %s", path)
+    return path
+
+
+COMMANDS = [
+    Command("train", "pretrain or fine-tune a GPT (torch or megatron backend); resumes after a kill", TrainConfig,
+            run_train),
+    Command("export dsel", "convert a megatron backend's sharded checkpoint (any TP/PP/DP layout) into one dsel "
+                           "checkpoint", ExportDselConfig, run_export_dsel),
+]

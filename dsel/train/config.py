@@ -34,6 +34,10 @@ class ParallelConfig:
     tp: int = option(1, "tensor-parallel size")
     pp: int = option(1, "pipeline-parallel size")
     distributed_optimizer: bool = option(False, "shard optimizer state over data-parallel ranks")
+    overlap: bool = option(False, "overlap the data-parallel grad reduce with the backward pass (and, with "
+                                  "distributed_optimizer, the param all-gather with the next forward)")
+    sequence_parallel: bool = option(False, "split norms/dropout activations along the sequence over the tp ranks "
+                                            "(needs tp > 1 and Transformer Engine)")
 
 
 @dataclass

@@ -174,9 +174,9 @@ def run_inputs(cfg: TrainConfig, config: GPTConfig, sample_weights: SampleWeight
 # Model and optimizer
 
 
-def build_model(cfg: TrainConfig, load_init: bool = True) -> torch.nn.Module:
-    """The GPT to train: preset + overrides (on init's architecture), with init's weights when asked."""
-    from dsel.models.checkpoint import load_weights, read_model_config
+def model_config(cfg: TrainConfig) -> GPTConfig:
+    """The architecture to train: preset + overrides, on init's architecture (checked to be a GPT)."""
+    from dsel.models.checkpoint import read_model_config
     from dsel.models.gpt import GPT
 
     init_config = None
@@ -184,8 +184,17 @@ def build_model(cfg: TrainConfig, load_init: bool = True) -> torch.nn.Module:
         arch, init_config = read_model_config(cfg.init)
         if arch != GPT.arch:
             raise file_error(cfg.init, f"init checkpoint is a '{arch}' model, training needs a '{GPT.arch}' model")
+    return cfg.model_config(init_config, data_vocab_size(cfg.data))
+
+
+def build_model(cfg: TrainConfig, load_init: bool = True) -> torch.nn.Module:
+    """The GPT to train, seeded tensor by tensor (as the megatron backend draws its shards), or init's weights."""
+    from dsel.models.checkpoint import load_weights
+    from dsel.models.gpt import GPT
+
     torch.manual_seed(cfg.seed)
-    model = GPT(cfg.model_config(init_config, data_vocab_size(cfg.data)))
+    model = GPT(model_config(cfg))
+    model.reset_parameters(seed=cfg.seed)
     if cfg.init is not None and load_init:
         load_weights(model, cfg.init)
     return model
@@ -306,12 +315,18 @@ def read_state_file(path: Path, cfg: TrainConfig, state_folder: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a missing or corrupt file
         raise file_error(path, f"cannot be read as a training state ({type(e).__name__})") from None
-    old, new = state["config"], to_dict(cfg)
+    check_same_run(state["config"], cfg, path, state_folder)
+    return state
+
+
+def check_same_run(old: dict, cfg: TrainConfig, path: Path, state_folder: Path,
+                   resumable: Sequence[str] = RESUMABLE_CHANGES) -> None:
+    """Refuse a saved state whose run settings `old` differ from cfg's in anything but `resumable`."""
+    new = to_dict(cfg)
     for key in sorted(set(old) | set(new)):
-        if key not in RESUMABLE_CHANGES and old.get(key) != new.get(key):
+        if key not in resumable and old.get(key) != new.get(key):
             raise file_error(path, f"belongs to a run with {key}={old.get(key)!r}, not {new.get(key)!r}; "
                                    f"use another out directory or delete {state_folder}")
-    return state
 
 
 def tokens_per_step(cfg: TrainConfig, model) -> int:

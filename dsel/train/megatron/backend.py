@@ -2,26 +2,32 @@
 
     torchrun --nproc_per_node 4 -m dsel train -c train.yaml backend=megatron parallel.tp=2 parallel.pp=2
 
-Every rank builds the dsel GPT exactly as the torch backend does (seeded init, or `init`'s
-weights), keeps its own tensor/pipeline slice in a megatron GPTModel (local layer spec, or
-Transformer Engine's when it is installed on a GPU machine), and trains it with megatron's
-DistributedDataParallel, its optimizer (`parallel.distributed_optimizer` shards the optimizer
-state over data-parallel ranks) and its pipeline schedules. Step s reads the torch backend's
-samples [s*B*A, (s+1)*B*A) (B = batch_size, A = grad_accum micro-batches); data-parallel rank r
-takes rows [r*B/dp, (r+1)*B/dp) of each micro-batch, so every layout computes the same loss,
-the same learning-rate schedule and the same clipped updates as the torch backend.
+Every rank builds only its own tensor/pipeline slice of the model (dsel.train.megatron.shards:
+the torch backend's seeded init, or `init`'s weights, read tensor by tensor) in a megatron
+GPTModel (local layer spec, or Transformer Engine's when it is installed on a GPU machine), and
+trains it with megatron's DistributedDataParallel, its optimizer (`parallel.distributed_optimizer`
+shards the optimizer state over data-parallel ranks) and its pipeline schedules. Step s reads the
+torch backend's samples [s*B*A, (s+1)*B*A) (B = batch_size, A = grad_accum micro-batches);
+data-parallel rank r takes rows [r*B/dp, (r+1)*B/dp) of each micro-batch, so every layout
+computes the same loss, the same learning-rate schedule and the same clipped updates as the
+torch backend.
 
 Process groups are gloo on a CPU machine (with `dsel.train.megatron.shim`) and nccl on GPUs.
-Rank 0 writes the torch backend's out/ layout: log.jsonl, config.yaml and model/ (a dsel
-checkpoint gathered from every rank's shard); out/state/megatron/ holds every rank's shard and
-optimizer state, and running the same command again (same world size) resumes from it.
+Rank 0 writes the torch backend's out/ layout: log.jsonl, config.yaml and, at the end, model/ (a
+dsel checkpoint exported from the last sharded checkpoint). out/state/megatron/step-S/ is a
+megatron dist_checkpointing checkpoint (every rank writes its own shards of weights and optimizer
+state); running the command again resumes from it, also with another tp/pp/dp layout and world
+size (the weights and optimizer state are resharded; training draws no random numbers after the
+init, dropout being 0, so no RNG state is needed). `dsel export dsel model=OUT out=DIR` turns any
+such checkpoint into a dsel checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -29,9 +35,9 @@ import torch
 
 from dsel.config import save_config, to_dict
 from dsel.errors import DselError, file_error
-from dsel.io import atomic_path, progress, read_json, write_json
+from dsel.io import progress, read_json
 from dsel.train.config import TrainConfig
-from dsel.train.megatron import convert, model as megatron_model
+from dsel.train.megatron import checkpoint, model as megatron_model, shards
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +51,8 @@ def check_layout(cfg: TrainConfig, config, world: int) -> int:
     """The data-parallel size, after checking the model, the world and the batch split tp x pp x dp ways."""
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     megatron_model.check_parallel_sizes(config, tp, pp, world)
+    if cfg.parallel.sequence_parallel:
+        megatron_model.check_sequence_parallel(tp)
     dp = world // (tp * pp)
     if cfg.batch_size % dp:
         raise DselError(f"train config: batch_size={cfg.batch_size} is not divisible by the data-parallel size {dp} "
@@ -71,17 +79,13 @@ def compute_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def build_parallel_model(cfg: TrainConfig, gpt, bf16: bool):
-    """This rank's megatron stage holding its slice of the dsel GPT's weights, wrapped for bf16 if asked."""
-    from megatron.core import parallel_state
+def build_parallel_model(cfg: TrainConfig, config, bf16: bool):
+    """This rank's megatron stage holding only its slice of the run's initial weights, wrapped for bf16 if asked."""
     from megatron.core.transformer.module import Float16Module
 
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    model = megatron_model.build_model(gpt.config, tp, pp, bf16)
-    shard = convert.to_megatron(gpt.state_dict(), gpt.config, parallel_state.get_tensor_model_parallel_rank(), tp,
-                                parallel_state.get_pipeline_model_parallel_rank(), pp,
-                                te=megatron_model.use_transformer_engine())
-    convert.load_shard(model, shard)
+    weights = shards.initial_weights(config, cfg.seed, cfg.init)
+    model = shards.build_rank_model(config, cfg.parallel.tp, cfg.parallel.pp, bf16, weights,
+                                    sequence_parallel=cfg.parallel.sequence_parallel)
     return Float16Module(model.config, model) if bf16 else model
 
 
@@ -89,11 +93,33 @@ def wrap_ddp(model, cfg: TrainConfig):
     """megatron's DistributedDataParallel (contiguous fp32 grad buffers, all-reduce or reduce-scatter)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                               use_distributed_optimizer=cfg.parallel.distributed_optimizer)
+    overlap, distributed = cfg.parallel.overlap, cfg.parallel.distributed_optimizer
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=overlap,
+                                               overlap_param_gather=overlap and distributed,
+                                               use_distributed_optimizer=distributed)
     ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
     ddp.config.finalize_model_grads_func = finalize_model_grads  # DP grad sync + tied-embedding grads across PP
+    if overlap:  # reduce each bucket as its grads are ready, on the last micro-batch only
+        ddp.config.no_sync_func = ddp.no_sync
     return ddp
+
+
+def synced_params(ddp):
+    """Finish an overlapped param all-gather and pause the forward pre-hooks (for evaluation and saving), then
+    resume them; nothing to do without overlap_param_gather."""
+    overlapped = ddp.ddp_config.overlap_param_gather
+
+    @contextlib.contextmanager
+    def paused():
+        if overlapped:
+            ddp.disable_forward_pre_hook()
+        try:
+            yield
+        finally:
+            if overlapped:
+                ddp.enable_forward_pre_hook()
+
+    return paused()
 
 
 def make_optimizer(ddp, cfg: TrainConfig, bf16: bool):
@@ -191,32 +217,18 @@ def evaluate(ddp, windows, cfg: TrainConfig, seq_len: int, dp: int) -> float:
     return loss_sum / weight_sum
 
 
-def gather_full_state(model, config) -> tuple[dict, float] | None:
-    """On rank 0: (the full dsel state_dict from the first data-parallel replica, replica spread).
-
-    Every rank also sends a checksum of its shard; the spread is the largest difference between
-    data-parallel replicas of one shard (0 when they hold identical weights, as they should).
-    """
+def replica_spread(model) -> float:
+    """Largest difference between the data-parallel replicas' checksums of this rank's shard (0 when they hold
+    identical weights, as they must)."""
     from megatron.core import parallel_state
 
-    shard = convert.shard_state(model)
-    checksum = sum(t.double().abs().sum().item() for t in shard.values())
-    place = (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank())
-    mine = (place, checksum, shard if parallel_state.get_data_parallel_rank() == 0 else None)
-    gathered = [None] * torch.distributed.get_world_size() if torch.distributed.get_rank() == 0 else None
-    torch.distributed.gather_object(mine, gathered, dst=0)
-    if gathered is None:
-        return None
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
-    shards = [[None] * tp for _ in range(pp)]
-    checksums: dict[tuple, list[float]] = {}
-    for (p, t), sums, weights in gathered:
-        checksums.setdefault((p, t), []).append(sums)
-        if weights is not None:
-            shards[p][t] = weights
-    spread = max(max(sums) - min(sums) for sums in checksums.values())
-    return convert.from_megatron(shards, config), spread
+    checksum = sum(p.detach().double().abs().sum().item() for p in model.parameters())
+    sums = torch.tensor([checksum, -checksum], dtype=torch.float64, device=compute_device())
+    torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.MAX,
+                                 group=parallel_state.get_data_parallel_group())
+    spread = torch.tensor([(sums[0] + sums[1]).item()], dtype=torch.float64, device=compute_device())
+    torch.distributed.all_reduce(spread, op=torch.distributed.ReduceOp.MAX)
+    return spread.item()
 
 
 def unwrap(ddp):
@@ -225,106 +237,67 @@ def unwrap(ddp):
     return model.module if hasattr(model, "module") and not hasattr(model, "decoder") else model
 
 
-def save_model_checkpoint(ddp, gpt, cfg: TrainConfig, meta: dict, step: int) -> Path:
-    """Gather the shards into the dsel GPT and save it as out/model on rank 0 (the torch backend's layout)."""
-    from dsel.models.checkpoint import save_model
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: out/state/megatron/step-S/ (sharded, dsel.train.megatron.checkpoint) at every save;
+# out/model (one dsel checkpoint) exported from the last one by rank 0 at the end.
 
-    gathered = gather_full_state(unwrap(ddp), gpt.config)
+
+def state_dir(cfg: TrainConfig) -> Path:
+    """Where the megatron backend keeps its sharded checkpoints (beside the torch backend's state/state.pt)."""
+    return Path(cfg.out) / "state" / "megatron"
+
+
+def layout(cfg: TrainConfig) -> dict:
+    return {**to_dict(cfg.parallel), "dp": world_size() // (cfg.parallel.tp * cfg.parallel.pp), "world": world_size()}
+
+
+def save_state(cfg: TrainConfig, ddp, optimizer, config, meta: dict, step: int) -> Path:
+    """Collective: the sharded checkpoint of `step`, with what resuming and export check."""
+    from dsel.train.torch_backend import tokens_per_step
+
+    model = unwrap(ddp)
+    common = {"step": step, "tokens": step * tokens_per_step(cfg, model_of(config)), "config": to_dict(cfg),
+              "model": dataclasses.asdict(config), "layout": {**layout(cfg), "dp_replica_spread": replica_spread(model)},
+              "meta": meta}
+    return checkpoint.save_step(state_dir(cfg), step, model, optimizer, common)
+
+
+def load_state(cfg: TrainConfig, config, ddp, optimizer) -> int:
+    """Resume from the latest sharded checkpoint of cfg.out (any layout; same run and architecture): its step,
+    or 0 when there is none."""
+    from dsel.train.torch_backend import RESUMABLE_CHANGES, check_same_run
+
+    folder = checkpoint.latest(state_dir(cfg))
+    if folder is None:
+        return 0
+    saved = checkpoint.read_common(folder)
+    checkpoint.check_architecture(folder, saved["model"], config)
+    check_same_run(saved["config"], cfg, folder, state_dir(cfg), RESUMABLE_CHANGES + ("parallel", "out"))
+    if saved["layout"]["distributed_optimizer"] != cfg.parallel.distributed_optimizer:
+        raise file_error(folder, f"was saved with parallel.distributed_optimizer="
+                                 f"{saved['layout']['distributed_optimizer']}; resume with the same setting")
+    checkpoint.load(folder, unwrap(ddp), optimizer)
+    if saved["layout"]["tp"] != cfg.parallel.tp or saved["layout"]["pp"] != cfg.parallel.pp:
+        log.info("resharded %s from tp=%d pp=%d dp=%d to tp=%d pp=%d dp=%d", folder, saved["layout"]["tp"],
+                 saved["layout"]["pp"], saved["layout"]["dp"], cfg.parallel.tp, cfg.parallel.pp, layout(cfg)["dp"])
+    return saved["step"]
+
+
+def export_model(cfg: TrainConfig) -> Path:
+    """Collective: rank 0 writes out/model from the latest sharded checkpoint (the others wait)."""
     path = Path(cfg.out) / "model"
-    if gathered is not None:
-        full, spread = gathered
+    if torch.distributed.get_rank() == 0:
+        checkpoint.export(state_dir(cfg), path)
+        spread = read_json(path / "meta.json")["parallel"]["dp_replica_spread"]
         if spread > 0:
             log.warning("data-parallel replicas differ (checksum spread %.3g)", spread)
-        gpt.load_state_dict(full)
-        dp = world_size() // (cfg.parallel.tp * cfg.parallel.pp)
-        from dsel.train.torch_backend import tokens_per_step
-
-        save_model(path, gpt, {**meta, "step": step, "tokens": step * tokens_per_step(cfg, gpt),
-                               "parallel": {**to_dict(cfg.parallel), "dp": dp, "dp_replica_spread": spread}})
     torch.distributed.barrier()
     return path
 
 
-# ---------------------------------------------------------------------------------------------
-# Resuming: every rank keeps its own shard and optimizer state under out/state/megatron/step-S/;
-# latest.json names the last step every rank finished saving, so a kill mid-save is harmless.
-
-
-def state_dir(cfg: TrainConfig) -> Path:
-    """Where the megatron backend keeps its resume state (beside the torch backend's state/state.pt)."""
-    return Path(cfg.out) / "state" / "megatron"
-
-
-def optimizer_state(optimizer) -> list:
-    """This rank's optimizer state, per part of megatron's (chained) optimizer.
-
-    A distributed optimizer part keeps this rank's shard of the main params and the inner torch
-    optimizer over it; both are saved as they are (resuming needs the same layout, which
-    load_state checks).
-    """
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    state = []
-    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if isinstance(part, DistributedOptimizer):
-            main = [p.detach().clone() for group in part.optimizer.param_groups for p in group["params"]]
-            state.append({"inner": part.optimizer.state_dict(), "main_params": main})
-        else:
-            state.append({"whole": part.state_dict()})
-    return state
-
-
-@torch.no_grad()
-def load_optimizer_state(optimizer, state: list) -> None:
-    """Inverse of optimizer_state."""
-    for part, saved in zip(getattr(optimizer, "chained_optimizers", [optimizer]), state):
-        if "whole" in saved:
-            part.load_state_dict(saved["whole"])
-            continue
-        part.optimizer.load_state_dict(saved["inner"])
-        params = [p for group in part.optimizer.param_groups for p in group["params"]]
-        for param, value in zip(params, saved["main_params"]):
-            param.copy_(value)
-
-
-def save_state(cfg: TrainConfig, ddp, optimizer, step: int) -> None:
-    """Write this rank's weights, optimizer state and RNG for `step`; rank 0 then points latest.json at it."""
-    rank, folder = torch.distributed.get_rank(), state_dir(cfg) / f"step-{step}"
-    weights = {k: v for k, v in unwrap(ddp).state_dict().items() if not k.endswith("_extra_state")}
-    state = {"step": step, "model": weights, "optimizer": optimizer_state(optimizer), "rng": torch.get_rng_state(),
-             "config": to_dict(cfg), "world": world_size()}
-    with atomic_path(folder / f"rank-{rank}.pt") as tmp:
-        torch.save(state, tmp)
-    torch.distributed.barrier()
-    if rank == 0:
-        write_json(state_dir(cfg) / "latest.json", {"step": step, "world": world_size()})
-        for old in state_dir(cfg).glob("step-*"):
-            if old != folder:
-                shutil.rmtree(old, ignore_errors=True)
-    torch.distributed.barrier()
-
-
-def load_state(cfg: TrainConfig) -> dict | None:
-    """This rank's saved state of the run in cfg.out (checked to be the same run and layout), or None."""
-    from dsel.train.torch_backend import read_state_file
-
-    latest = state_dir(cfg) / "latest.json"
-    if not latest.is_file():
-        return None
-    saved = read_json(latest)
-    if saved["world"] != world_size():
-        raise file_error(latest, f"belongs to a run on {saved['world']} processes, not {world_size()}; "
-                                 f"use another out directory or delete {state_dir(cfg)}")
-    path = state_dir(cfg) / f"step-{saved['step']}" / f"rank-{torch.distributed.get_rank()}.pt"
-    return read_state_file(path, cfg, state_dir(cfg))
-
-
-def restore(ddp, optimizer, state: dict) -> int:
-    """Put a saved state back into the model and the optimizer; returns its step."""
-    unwrap(ddp).load_state_dict(state["model"], strict=False)
-    load_optimizer_state(optimizer, state["optimizer"])
-    torch.set_rng_state(state["rng"])
-    return state["step"]
+def model_of(config):
+    """A storage-less dsel GPT of `config` (what the torch backend's helpers read .config from)."""
+    return shards.meta_gpt(config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,8 +312,8 @@ def train(cfg: TrainConfig, sample_weights=None, on_step: Callable[[int, dict], 
     """
     from dsel.train import torch_backend
 
-    gpt = torch_backend.build_model(cfg)  # the torch backend's init: same seed, same weights
-    config, seq_len = gpt.config, gpt.config.seq_len
+    config = torch_backend.model_config(cfg)
+    gpt, seq_len = model_of(config), config.seq_len  # no weights: each rank builds only its shard
     dp = check_layout(cfg, config, world_size())
     check_device(cfg)
     run = torch_backend.run_inputs(cfg, config, sample_weights)
@@ -352,10 +325,9 @@ def train(cfg: TrainConfig, sample_weights=None, on_step: Callable[[int, dict], 
     try:
         megatron_model.seed_everything(cfg.seed)
         bf16 = use_bf16(cfg)
-        ddp = wrap_ddp(build_parallel_model(cfg, gpt, bf16), cfg)
+        ddp = wrap_ddp(build_parallel_model(cfg, config, bf16), cfg)
         optimizer = make_optimizer(ddp, cfg, bf16)
-        state = load_state(cfg)
-        first_step = 0 if state is None else restore(ddp, optimizer, state)
+        first_step = load_state(cfg, config, ddp, optimizer)
         is_logger = torch.distributed.get_rank() == 0
         out = Path(cfg.out)
         if is_logger:
@@ -381,11 +353,14 @@ def train(cfg: TrainConfig, sample_weights=None, on_step: Callable[[int, dict], 
                 bar.update()
                 bar.set_postfix(loss=f"{loss:.4f}")
                 if run.valid is not None and cfg.evaluates_after(done, steps):
-                    valid_loss = evaluate(ddp, run.valid, cfg, seq_len, dp)
+                    with synced_params(ddp):
+                        valid_loss = evaluate(ddp, run.valid, cfg, seq_len, dp)
                     torch_backend.write_row(log_file, {"step": done, "valid_loss": valid_loss})
                 if cfg.saves_after(done, steps):
-                    save_model_checkpoint(ddp, gpt, cfg, run.meta, done)
-                    save_state(cfg, ddp, optimizer, done)
+                    with synced_params(ddp):
+                        save_state(cfg, ddp, optimizer, config, run.meta, done)
+                if done == steps:
+                    export_model(cfg)
                 if on_step is not None:
                     on_step(done, row)
             bar.close()

@@ -18,6 +18,7 @@ megatron's grouped layout ([groups, (heads_per_group + 2) * head_dim, d]), so th
 from __future__ import annotations
 
 import re
+from typing import Iterable, Iterator, Mapping
 
 import torch
 
@@ -93,14 +94,23 @@ def _local_name(name: str) -> str:
     return name
 
 
-def to_megatron(state: dict[str, torch.Tensor], config: GPTConfig, tp_rank: int = 0, tp: int = 1, pp_rank: int = 0,
-                pp: int = 1, te: bool = False) -> dict[str, torch.Tensor]:
+def to_megatron(state: Mapping[str, torch.Tensor], config: GPTConfig, tp_rank: int = 0, tp: int = 1,
+                pp_rank: int = 0, pp: int = 1, te: bool = False) -> dict[str, torch.Tensor]:
     """The state_dict of megatron stage (pp_rank, tp_rank) from a full dsel GPT state_dict."""
+    return dict(megatron_tensors(state, config, tp_rank, tp, pp_rank, pp, te))
+
+
+def megatron_tensors(state: Mapping[str, torch.Tensor], config: GPTConfig, tp_rank: int = 0, tp: int = 1,
+                     pp_rank: int = 0, pp: int = 1, te: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(megatron name, this rank's slice) for every tensor of stage (pp_rank, tp_rank), one at a time.
+
+    `state` may be a lazy mapping (dsel.train.megatron.shards): only the tensors this stage
+    holds are read, and only this rank's slice of each is kept (a copy).
+    """
     layers = stage_layers(config, pp_rank, pp)
     first, last = pp_rank == 0, pp_rank == pp - 1
-    out = {}
-    for name, tensor in state.items():
-        match = _LAYER.match(name)
+    for full_name in state.keys():
+        name, match = full_name, _LAYER.match(full_name)
         if match:
             index = int(match.group(1))
             if index not in layers:
@@ -110,11 +120,10 @@ def to_megatron(state: dict[str, torch.Tensor], config: GPTConfig, tp_rank: int 
             continue
         elif name.startswith(("decoder.final_layernorm.", "output_layer.")) and not last:
             continue
-        out[_te_name(name) if te else name] = _shard(name, tensor, config, tp_rank, tp)
+        yield _te_name(name) if te else name, _shard(name, state[full_name], config, tp_rank, tp).clone()
     if config.tie_embeddings and last and not first:
-        out["output_layer.weight"] = _shard("output_layer.weight", state["embedding.word_embeddings.weight"], config,
-                                            tp_rank, tp)
-    return out
+        yield "output_layer.weight", _shard("output_layer.weight", state["embedding.word_embeddings.weight"], config,
+                                            tp_rank, tp).clone()
 
 
 def from_megatron(shards: list[list[dict[str, torch.Tensor]]], config: GPTConfig) -> dict[str, torch.Tensor]:
@@ -133,19 +142,28 @@ def from_megatron(shards: list[list[dict[str, torch.Tensor]]], config: GPTConfig
     return full
 
 
-def load_shard(model: torch.nn.Module, shard: dict[str, torch.Tensor]) -> None:
+def load_shard(model: torch.nn.Module, shard: Mapping[str, torch.Tensor]) -> None:
     """Copy a converted shard into a megatron model; every parameter must be covered exactly."""
-    expected = {k for k in model.state_dict() if not k.endswith("_extra_state")}
-    missing, unexpected = sorted(expected - set(shard)), sorted(set(shard) - expected)
-    if missing or unexpected:
-        raise DselError(f"megatron model: checkpoint from another architecture (missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]})")
-    own = model.state_dict()
-    for name, tensor in shard.items():
+    copy_into(model, shard.items())
+
+
+@torch.no_grad()
+def copy_into(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Copy (name, tensor) pairs into a megatron model as they come (a rank never holds its shard twice);
+    every parameter must be covered exactly, with its shape."""
+    own = {k: v for k, v in model.state_dict(keep_vars=True).items() if not k.endswith("_extra_state")}
+    seen = set()
+    for name, tensor in tensors:
+        if name not in own:
+            raise DselError(f"megatron model: checkpoint from another architecture (unexpected {name})")
         if own[name].shape != tensor.shape:
             raise DselError(f"megatron model: {name} has shape {tuple(tensor.shape)}, "
                             f"model expects {tuple(own[name].shape)}")
-    model.load_state_dict(shard, strict=False)
+        own[name].copy_(tensor)
+        seen.add(name)
+    missing = sorted(set(own) - seen)
+    if missing:
+        raise DselError(f"megatron model: checkpoint from another architecture (missing {missing[:3]})")
 
 
 def shard_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -40,6 +40,16 @@ def check_parallel_sizes(config: GPTConfig, tp: int, pp: int, world_size: int, s
         raise DselError(f"{source}: model n_layer={config.n_layer} is not divisible by parallel.pp={pp}")
 
 
+def check_sequence_parallel(tp: int, source: str = "train config") -> None:
+    """Sequence parallelism splits activations over tp ranks and needs Transformer Engine's norms: megatron-core's
+    local spec (torch LayerNorm/RMSNorm) refuses it."""
+    if tp < 2:
+        raise DselError(f"{source}: parallel.sequence_parallel needs parallel.tp > 1 (it splits over the tp ranks)")
+    if not use_transformer_engine():
+        raise DselError(f"{source}: parallel.sequence_parallel needs Transformer Engine on GPUs (megatron-core's "
+                        f"local layer spec has no sequence-parallel norm); pip install transformer-engine[pytorch]")
+
+
 def init_parallel(tp: int, pp: int) -> None:
     """Start torch.distributed from torchrun's environment (gloo on CPU, nccl on GPU) and megatron's groups.
 
@@ -100,9 +110,12 @@ def seed_everything(seed: int) -> None:
     tracker.set_states({name: torch.Generator().manual_seed(s).get_state() for name, s in seeds.items()})
 
 
-def transformer_config(config: GPTConfig, tp: int = 1, pp: int = 1, bf16: bool = False):
+def transformer_config(config: GPTConfig, tp: int = 1, pp: int = 1, bf16: bool = False, initialize: bool = True,
+                       sequence_parallel: bool = False):
     """The megatron TransformerConfig of a dsel GPTConfig: no dropout, and only fusions that compute what the
-    dsel GPT computes (bias-dropout-add on GPUs)."""
+    dsel GPT computes (bias-dropout-add on GPUs); `initialize=False` skips megatron's random init (the caller
+    fills the weights: megatron still allocates each rank's slice and marks its tensor-parallel attributes,
+    which perform_initialization=False would skip)."""
     from megatron.core.transformer import TransformerConfig
 
     swiglu = config.activation == "swiglu"
@@ -115,13 +128,19 @@ def transformer_config(config: GPTConfig, tp: int = 1, pp: int = 1, bf16: bool =
         add_bias_linear=config.bias, add_qkv_bias=config.bias,
         gated_linear_unit=swiglu, activation_func=F.silu if swiglu else F.gelu,
         hidden_dropout=0.0, attention_dropout=0.0, init_method_std=config.init_std,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=False,
+        **({} if initialize else {"init_method": _keep, "output_layer_init_method": _keep}),
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sequence_parallel,
         params_dtype=dtype, pipeline_dtype=dtype, bf16=bf16,
         use_cpu_initialization=not on_gpu,
         bias_activation_fusion=False,  # megatron's fused bias-gelu is the tanh approximation of gelu
         masked_softmax_fusion=False, bias_dropout_fusion=on_gpu, apply_rope_fusion=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False,
     )
+
+
+def _keep(tensor: torch.Tensor) -> torch.Tensor:
+    """An init method that leaves the freshly allocated weight as it is (the caller fills it)."""
+    return tensor
 
 
 def layer_spec(config: GPTConfig):
@@ -134,14 +153,15 @@ def layer_spec(config: GPTConfig):
     return gpt_layer_specs.get_gpt_layer_local_spec(normalization=normalization)
 
 
-def build_model(config: GPTConfig, tp: int = 1, pp: int = 1, bf16: bool = False):
-    """This rank's megatron GPTModel stage (parallel state must be initialised)."""
+def build_model(config: GPTConfig, tp: int = 1, pp: int = 1, bf16: bool = False, initialize: bool = True,
+                sequence_parallel: bool = False):
+    """This rank's megatron GPTModel stage (parallel state must be initialised); only its shard is allocated."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
     shim.activate()
     model = GPTModel(
-        config=transformer_config(config, tp, pp, bf16), transformer_layer_spec=layer_spec(config),
+        config=transformer_config(config, tp, pp, bf16, initialize, sequence_parallel), transformer_layer_spec=layer_spec(config),
         vocab_size=config.vocab_size, max_sequence_length=config.seq_len,
         pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=config.tie_embeddings, position_embedding_type="rope",

@@ -1,0 +1,91 @@
+"""megatron_args.txt: Megatron-LM's pretrain_gpt.py, given these arguments, draws the samples dsel train draws.
+
+The reference is megatron-core's own dataset builder configured the way pretrain_gpt.py configures
+it from its arguments (core_gpt_dataset_config_from_args: seed, seq_length, blend from --data-path,
+split; num_samples = train_iters * global_batch_size).
+"""
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+pytest.importorskip("megatron.core")
+
+from dsel.config import from_dict  # noqa: E402
+from dsel.select import megatron_args  # noqa: E402
+from dsel.train import torch_backend  # noqa: E402
+from dsel.train.config import TrainConfig  # noqa: E402
+from tests._train_util import write_counting_dataset  # noqa: E402
+
+VOCAB, SEQ_LEN, SEED = 128, 16, 77
+
+
+def parse(args: list[str]) -> SimpleNamespace:
+    """The values Megatron-LM's argparse gives pretrain_gpt.py for our options (--data-path takes a list)."""
+    values, key = {}, None
+    for arg in args:
+        if arg.startswith("--"):
+            key = arg[2:].replace("-", "_")
+            values[key] = []
+        else:
+            values[key].append(arg)
+    return SimpleNamespace(data_path=values["data_path"], split=values["split"][0],
+                           seq_length=int(values["seq_length"][0]), seed=int(values["seed"][0]))
+
+
+def megatron_lm_train_samples(args: SimpleNamespace, num_samples: int, cache) -> np.ndarray:
+    """Samples [num_samples, seq_length + 1] of the train dataset pretrain_gpt.py builds from `args`."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from megatron.core.datasets.utils import get_blend_from_list
+
+    tokenizer = SimpleNamespace(vocab_size=VOCAB, eod=0, pad=VOCAB + 1, eos=0, unique_identifiers={"name": "t"})
+    config = GPTDatasetConfig(random_seed=args.seed, sequence_length=args.seq_length,
+                              blend=get_blend_from_list(args.data_path), split=args.split, path_to_cache=str(cache),
+                              tokenizer=tokenizer, reset_position_ids=False, reset_attention_mask=False,
+                              eod_mask_loss=False)
+    train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, None, None], lambda: True, config).build()
+    rows = []
+    for i in range(num_samples):
+        sample = train[i]
+        rows.append(np.append(np.asarray(sample["tokens"]), np.asarray(sample["labels"])[-1]))
+    return np.stack(rows)
+
+
+def dsel_train_samples(prefixes, num_samples: int, weights=None) -> np.ndarray:
+    cfg = from_dict(TrainConfig, {"data": [str(p) for p in prefixes], "out": "unused", "steps": num_samples // 4,
+                                  "batch_size": 4, "seed": SEED, "data_weights": weights})
+    samples = torch_backend.training_samples(cfg, SEQ_LEN, VOCAB, num_samples)
+    return samples.batch(np.arange(num_samples))
+
+
+@pytest.mark.parametrize("num_samples", [24, 160])  # one epoch and several (the separately shuffled last epoch)
+def test_megatron_lm_draws_dsel_train_samples(tmp_path, num_samples):
+    prefix = write_counting_dataset(tmp_path / "data", vocab=VOCAB)
+    path = megatron_args.write(tmp_path, [prefix], SEQ_LEN, seed=SEED)
+    args = parse(megatron_args.read(path))
+    assert args.seq_length == SEQ_LEN and args.data_path == [prefix] and args.split == "100,0,0"
+    expected = dsel_train_samples([prefix], num_samples)
+    np.testing.assert_array_equal(megatron_lm_train_samples(args, num_samples, tmp_path / "cache"), expected)
+
+
+def test_another_seed_draws_other_samples(tmp_path):
+    """The check above can fail: the seed written is the one that orders the samples."""
+    prefix = write_counting_dataset(tmp_path / "data", vocab=VOCAB)
+    args = parse(megatron_args.read(megatron_args.write(tmp_path, [prefix], SEQ_LEN, seed=SEED + 1)))
+    assert not np.array_equal(megatron_lm_train_samples(args, 24, tmp_path / "cache"), dsel_train_samples([prefix], 24))
+
+
+def test_blend_is_written_with_weights_and_tokenizer(tmp_path):
+    a = write_counting_dataset(tmp_path / "a", vocab=VOCAB)
+    b = write_counting_dataset(tmp_path / "b", seed=1, vocab=VOCAB)
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
+    meta = {"vocab_size": VOCAB, "tokenizer": str(tmp_path / "tok" / "tokenizer.json"), "tokenizer_sha256": "x",
+            "dtype": "uint16", "eod_id": 0}
+    (tmp_path / "a.meta.json").write_text(json.dumps(meta))
+    args = megatron_args.read(megatron_args.write(tmp_path, [a, b], SEQ_LEN, weights=[0.25, 0.75]))
+    assert args[:5] == ["--data-path", "0.25", a, "0.75", b]
+    assert args[args.index("--tokenizer-model") + 1] == str(tmp_path / "tok")
+    assert args[args.index("--tokenizer-type") + 1] == "HuggingFaceTokenizer"
