@@ -82,10 +82,14 @@ def score_lines(score, peak) -> list[str]:
 def train_lines(train, peak) -> list[str]:
     if not train:
         return ["Training step: no result."]
-    lines = ["| backend | tokens/s | MFU |", "|---|---|---|"]
+    lines = ["| backend | TP/PP | tokens/s | MFU (per device) |", "|---|---|---|---|"]
     for r in train["rows"]:
-        lines.append(f"| {r['backend']} | {r['tokens_per_s']:,.0f} | {r['tflops'] / peak:.1%} |")
-    lines.append(f"megatron / torch: {train['ratio_megatron_over_torch']:.2f}x.")
+        if r.get("tokens_per_s") is None:
+            continue
+        lines.append(f"| {r['backend']} | {r.get('tp', 1)}/{r.get('pp', 1)} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['tflops'] / peak / r.get('world', 1):.1%} |")
+    ratios = train.get("ratios_megatron_over_torch") or {"": train.get("ratio_megatron_over_torch", float("nan"))}
+    lines.append("megatron / torch: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()) + ".")
     return lines
 
 
