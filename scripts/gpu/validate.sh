@@ -80,7 +80,11 @@ build_extension() {
   python3 setup.py build_ext --inplace && python3 -c "import dsel._C; print('built', dsel._C.__file__)"
 }
 
-measure_peak() {  # the bf16 matmul rate every MFU below is measured against (fp32 at toy size on CPU)
+measure_bench() {  # a benchmarks/ script without its folder on sys.path (benchmarks/tokenize.py would shadow the stdlib)
+  python3 -c 'import runpy, sys; path = sys.argv[1]; sys.argv = sys.argv[1:]; runpy.run_path(path, run_name="__main__")' "$@"
+}
+
+peak() {  # the bf16 matmul rate every MFU below is measured against (fp32 at toy size on CPU)
   python3 - "$OUT/peak.json" "$DRY" <<'EOF'
 import sys, torch, triton
 from dsel.benchmarking import matmul_flops
@@ -97,6 +101,10 @@ print(info)
 EOF
 }
 
+bench() {  # a benchmarks/ script without its folder on sys.path (benchmarks/tokenize.py would shadow the stdlib)
+  python3 -c 'import runpy, sys; path = sys.argv[1]; sys.argv = sys.argv[1:]; runpy.run_path(path, run_name="__main__")' "$@"
+}
+
 peak() { python3 -c "import json; print(json.load(open('$OUT/peak.json'))['peak_tflops'])" 2>/dev/null || echo 0; }
 
 # GPU limits sum to 8 minutes (megatron included); typical runs finish well inside each.
@@ -107,21 +115,21 @@ PEAK=$(peak)
 if [ "$DRY" = 1 ]; then
   step parity 300 python3 scripts/gpu/parity.py --dry-run --out "$OUT/parity.json"
   step gpu_tests 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_gpu.py
-  step kernels_bench 300 python3 benchmarks/kernels.py --device cpu --vocab 70 --dim 16 --tokens 33 --repeats 1 \
+  step kernels_bench 300 bench benchmarks/kernels.py --device cpu --vocab 70 --dim 16 --tokens 33 --repeats 1 \
     --peak-tflops "$PEAK" --out "$OUT/kernels.json"
-  step score_bench 300 python3 benchmarks/score.py --device cpu --preset tiny --window 16 --batch-size 3 \
+  step score_bench 300 bench benchmarks/score.py --device cpu --preset tiny --window 16 --batch-size 3 \
     --micro-batch 2 --repeats 1 --peak-tflops "$PEAK" --out "$OUT/score.json"
-  step train_bench 300 python3 benchmarks/train.py --preset tiny --seq-len 16 --batch-size 2 --repeats 1 \
+  step train_bench 300 bench benchmarks/train.py --preset tiny --seq-len 16 --batch-size 2 --repeats 1 \
     --out "$OUT/train.json"
-  step pmp_bench 300 python3 benchmarks/pmp.py --device cpu --model tiny --batch 2 --micro-batch 2 --target 1 \
+  step pmp_bench 300 bench benchmarks/pmp.py --device cpu --model tiny --batch 2 --micro-batch 2 --target 1 \
     --out "$OUT/pmp.json"
 else
   step parity 90 python3 scripts/gpu/parity.py --out "$OUT/parity.json"
   step gpu_tests 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests
-  step kernels_bench 60 python3 benchmarks/kernels.py --peak-tflops "$PEAK" --out "$OUT/kernels.json"
-  step score_bench 30 python3 benchmarks/score.py --peak-tflops "$PEAK" --out "$OUT/score.json"
-  step train_bench 30 python3 benchmarks/train.py --out "$OUT/train.json"
-  step pmp_bench 30 python3 benchmarks/pmp.py --out "$OUT/pmp.json"
+  step kernels_bench 60 bench benchmarks/kernels.py --peak-tflops "$PEAK" --out "$OUT/kernels.json"
+  step score_bench 30 bench benchmarks/score.py --peak-tflops "$PEAK" --out "$OUT/score.json"
+  step train_bench 30 bench benchmarks/train.py --out "$OUT/train.json"
+  step pmp_bench 30 bench benchmarks/pmp.py --out "$OUT/pmp.json"
 fi
 if [ -f scripts/gpu/megatron_steps.sh ]; then
   step megatron 40 bash scripts/gpu/megatron_steps.sh $([ "$DRY" = 1 ] && echo --dry-run) --out "$OUT/megatron"
