@@ -1,6 +1,8 @@
 """Which device a stage runs on and in which precision: one rule for every command."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from dsel.errors import DselError
@@ -28,3 +30,16 @@ def autocast_for(device: torch.device, precision: str):
     if precision == "fp32":
         return torch.autocast(device_type=device.type, enabled=False)
     raise DselError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+
+
+@contextmanager
+def tf32_matmuls(enabled: bool):
+    """Inside the block, fp32 matmuls (torch's and the fused head's tl.dot) may use TF32 tensor cores
+    when `enabled` (10-bit mantissa products, fp32 accumulation; several times the fp32 FMA rate on
+    A100/H100), and are exact IEEE fp32 otherwise. The previous setting is restored afterwards."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -1,42 +1,69 @@
 """Triton kernels, each with a plain-torch reference beside it, and the dispatcher between them.
 
-The Triton kernel runs on CUDA tensors, the reference on everything else. Environment variable
-DSEL_KERNELS overrides the choice: `triton` (CPU tensors need TRITON_INTERPRET=1, set before the
-first Triton call), `reference`, or `auto` (default).
+Three implementations of the fused head: `triton` (the kernels: compiled for CUDA tensors, or
+all launches interpreted when TRITON_INTERPRET=1 was set before Triton's import, which CPU
+tensors need), `reference` (plain torch, logits chunked over tokens, recomputed in backward)
+and `torch` (plain torch with all [N, V] fp32 logits materialised; forward-mode JVPs use the
+reference, which is one chunk at such sizes). `auto` (default) runs compiled Triton on CUDA
+tensors (the reference when Triton is interpreted); on CPU it runs `torch` while the logits
+stay below PLAIN_LOGITS_LIMIT elements (fastest, and no more memory than the materialised
+baseline) and the chunked `reference` above. The
+environment variable DSEL_KERNELS forces one of them; DSEL_KERNEL_CONFIG pins the Triton tiles
+(kernels/linear_ce_triton.py).
 """
 import importlib.util
 import os
 
+import torch
+
 from dsel.errors import DselError
 from kernels.linear_ce import (IGNORE_INDEX, LinearCrossEntropyFunction, ReferenceBackend, check_inputs,
-                               linear_cross_entropy_jvp_reference, linear_cross_entropy_reference)
+                               linear_cross_entropy_jvp_reference, linear_cross_entropy_reference,
+                               plain_cross_entropy)
 from kernels.sequence import sequence_reduce
 
-__all__ = ["IGNORE_INDEX", "backend_name", "linear_cross_entropy", "linear_cross_entropy_jvp",
+__all__ = ["IGNORE_INDEX", "backend_name", "head_operands", "linear_cross_entropy", "linear_cross_entropy_jvp",
            "linear_cross_entropy_reference", "linear_cross_entropy_jvp_reference", "sequence_reduce"]
 
-_MODES = ("auto", "triton", "reference")
+_MODES = ("auto", "triton", "reference", "torch")
+PLAIN_LOGITS_LIMIT = 1 << 25  # [N, V] elements (128 MiB fp32) up to which CPU materialises the logits
 
 
-def backend_name(tensor) -> str:
-    """'triton' or 'reference': which implementation runs for this tensor under DSEL_KERNELS."""
+def backend_name(tensor, num_tokens=None, vocab_size=None) -> str:
+    """'triton', 'reference' or 'torch': which implementation runs for this tensor (and this
+    many tokens x vocabulary entries, which decide between the two CPU paths) under DSEL_KERNELS."""
     mode = os.environ.get("DSEL_KERNELS", "auto").strip().lower() or "auto"
     if mode not in _MODES:
         raise DselError(f"DSEL_KERNELS={mode!r} is not one of {', '.join(_MODES)}")
-    if mode == "auto":
-        return "triton" if tensor.is_cuda and importlib.util.find_spec("triton") else "reference"
-    return mode
+    if mode != "auto":
+        return mode
+    if tensor.is_cuda and importlib.util.find_spec("triton"):
+        from kernels.linear_ce_triton import INTERPRETED
+        return "reference" if INTERPRETED else "triton"  # the interpreter is for CPU tests only
+    if num_tokens is not None and vocab_size is not None and num_tokens * vocab_size > PLAIN_LOGITS_LIMIT:
+        return "reference"
+    return "torch"
 
 
-def _backend(tensor):
-    """The backend object (see kernels/linear_ce.py) for this tensor."""
-    if backend_name(tensor) == "triton":
-        if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+def _backend(name, tensor):
+    """The backend object (see kernels/linear_ce.py) of an implementation name, for this tensor."""
+    if name == "triton":
+        from kernels.linear_ce_triton import INTERPRETED, TritonBackend
+        if not tensor.is_cuda and not INTERPRETED:
             raise DselError("DSEL_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1 in the environment "
-                            "before the first kernel call")
-        from kernels.linear_ce_triton import TritonBackend
+                            "before Triton is first imported")
         return TritonBackend()
     return ReferenceBackend()
+
+
+def head_operands(hidden, weight):
+    """(hidden, weight) in the dtype the LM head runs in: the autocast dtype where autocast is on
+    for hidden's device (bf16 operands on tensor cores; the kernels accumulate in fp32), else
+    hidden's dtype. Under autocast the residual stream and the final norm stay fp32, so without
+    this the head would run as an fp32 matmul."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    return hidden.to(dtype), weight.to(dtype)
 
 
 def _flatten(hidden, targets):
@@ -64,7 +91,12 @@ def linear_cross_entropy(hidden, weight, targets, seq_ids=None, num_seqs=None, m
     """
     h, y = _flatten(hidden, targets)
     check_inputs(h, weight, y)
-    loss = LinearCrossEntropyFunction.apply(h, weight, y, _backend(h))[0]
+    name = backend_name(h, h.shape[0], weight.shape[0])
+    with torch.autocast(h.device.type, enabled=False):  # the operands' dtypes decide (head_operands)
+        if name == "torch":
+            loss = plain_cross_entropy(h, weight, y)
+        else:
+            loss = LinearCrossEntropyFunction.apply(h, weight, y, _backend(name, h))[0]
     return _maybe_reduce(loss, targets, seq_ids, num_seqs, mean)
 
 
@@ -79,6 +111,8 @@ def linear_cross_entropy_jvp(hidden, d_hidden, weight, d_weight, targets, seq_id
     h, y = _flatten(hidden, targets)
     dh = None if d_hidden is None else d_hidden.reshape(h.shape)
     check_inputs(h, weight, y, dh, d_weight)
-    loss, tangent = _backend(h).jvp(h, dh, weight, d_weight, y)
+    name = backend_name(h, h.shape[0], weight.shape[0])
+    with torch.autocast(h.device.type, enabled=False):
+        loss, tangent = _backend(name, h).jvp(h, dh, weight, d_weight, y)
     return (_maybe_reduce(loss, targets, seq_ids, num_seqs, mean),
             _maybe_reduce(tangent, targets, seq_ids, num_seqs, mean))

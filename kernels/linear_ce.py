@@ -11,6 +11,7 @@ is any object with three methods:
 with y = -100 marking ignored tokens (loss, tangent and gradient 0 there).
 """
 import torch
+import torch.nn.functional as F
 
 from dsel.errors import DselError
 
@@ -34,7 +35,9 @@ def check_inputs(hidden, weight, targets, d_hidden=None, d_weight=None):
         raise DselError(f"linear_cross_entropy: targets must be integer token ids, got {targets.dtype}")
     if targets.numel():
         bad = (targets >= weight.shape[0]) | ((targets < 0) & (targets != IGNORE_INDEX))
-        if bool(bad.any()):
+        if targets.is_cuda:  # a device-side assert: no host sync on every call
+            torch._assert_async(~bad.any(), "linear_cross_entropy: a target id is outside the vocabulary")
+        elif bool(bad.any()):
             raise DselError(f"linear_cross_entropy: target id {int(targets[bad][0])} is outside the "
                             f"vocabulary [0, {weight.shape[0]}) and is not the ignore index {IGNORE_INDEX}")
 
@@ -52,8 +55,16 @@ def _target_term(values, targets):
     return torch.where(valid, picked, torch.zeros_like(picked))
 
 
+def plain_cross_entropy(h, W, y):
+    """Per-token loss with all [N, V] logits materialised in fp32: plain torch autograd (both modes)."""
+    return F.cross_entropy(h.float() @ W.float().T, y.long(), reduction="none", ignore_index=IGNORE_INDEX)
+
+
 class ReferenceBackend:
-    """Plain torch, fp32 math, logits materialised one token chunk at a time."""
+    """Plain torch, fp32 math, logits materialised one token chunk at a time.
+
+    Its lse output is 0 at ignored tokens (its backward recomputes the softmax and needs no lse).
+    """
 
     def __init__(self, budget=LOGITS_BUDGET):
         self.budget = budget
@@ -64,8 +75,8 @@ class ReferenceBackend:
         lse = torch.empty_like(loss)
         for a, b in token_chunks(h.shape[0], W.shape[0], self.budget):
             logits = h[a:b].float() @ W32.T
-            lse[a:b] = torch.logsumexp(logits, dim=1)
-            loss[a:b] = torch.where(y[a:b] != IGNORE_INDEX, lse[a:b], 0.0) - _target_term(logits, y[a:b])
+            loss[a:b] = F.cross_entropy(logits, y[a:b].long(), reduction="none", ignore_index=IGNORE_INDEX)
+            lse[a:b] = loss[a:b] + _target_term(logits, y[a:b])
         return loss, lse
 
     def backward(self, h, W, y, lse, g):
@@ -75,7 +86,7 @@ class ReferenceBackend:
         g = torch.where(y != IGNORE_INDEX, g.float(), 0.0)
         for a, b in token_chunks(h.shape[0], W.shape[0], self.budget):
             h32 = h[a:b].float()
-            d_logits = torch.exp(h32 @ W32.T - lse[a:b, None])
+            d_logits = torch.softmax(h32 @ W32.T, dim=1)
             rows = torch.arange(b - a, device=h.device)
             valid = y[a:b] != IGNORE_INDEX
             d_logits[rows[valid], y[a:b][valid].long()] -= 1.0
@@ -92,13 +103,12 @@ class ReferenceBackend:
         valid = y != IGNORE_INDEX
         for a, b in token_chunks(h.shape[0], W.shape[0], self.budget):
             h32 = h[a:b].float()
-            logits = h32 @ W32.T
-            lse = torch.logsumexp(logits, dim=1)
-            loss[a:b] = torch.where(valid[a:b], lse, 0.0) - _target_term(logits, y[a:b])
+            log_p = torch.log_softmax(h32 @ W32.T, dim=1)
+            loss[a:b] = -_target_term(log_p, y[a:b])
             d_logits = _tangent_logits(h32, None if dh is None else dh[a:b].float(), W32, dW32)
             if d_logits is None:
                 continue
-            expected = (torch.softmax(logits, dim=1) * d_logits).sum(1)
+            expected = (log_p.exp_() * d_logits).sum(1)
             tangent[a:b] = torch.where(valid[a:b], expected, 0.0) - _target_term(d_logits, y[a:b])
         return loss, tangent
 

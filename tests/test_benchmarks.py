@@ -103,7 +103,7 @@ def test_pmp_benchmark_dots_agree(tmp_path):
 
 
 def test_tokenize_benchmark(tmp_path, capsys):
-    bench = load_benchmark("tokenize")
+    bench = load_benchmark("tokenization")
     out = tmp_path / "bench.json"
     bench.main(["--docs", "120", "--files", "2", "--vocab", "300", "--out", str(out)])  # exits unless outputs are identical
     rows = read_json(out)["rows"]

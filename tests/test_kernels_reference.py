@@ -117,11 +117,52 @@ def test_bad_inputs_raise_one_line_errors(monkeypatch):
         kernels.linear_cross_entropy(c["hidden"], c["weight"], c["targets"])
 
 
-def test_cpu_tensors_use_the_reference_by_default(monkeypatch):
+def test_cpu_picks_plain_torch_for_small_logits_and_chunks_large_ones(monkeypatch):
     monkeypatch.delenv("DSEL_KERNELS", raising=False)
-    assert kernels.backend_name(torch.zeros(1)) == "reference"
+    assert kernels.backend_name(torch.zeros(1), 1000, 4096) == "torch"
+    assert kernels.backend_name(torch.zeros(1), 1 << 14, 1 << 12) == "reference"  # 2**26 logits > limit
+    monkeypatch.setattr(kernels, "PLAIN_LOGITS_LIMIT", 37 * 99)
+    c = make_case(*SHAPES[0])  # 37 tokens x 100 entries: now above the limit
+    assert kernels.backend_name(c["hidden"], 37, 100) == "reference"
+    h = c["hidden"].clone().requires_grad_()
+    loss = kernels.linear_cross_entropy(h, c["weight"], c["targets"])
+    torch.testing.assert_close(loss, brute_loss(c["hidden"], c["weight"], c["targets"]), rtol=1e-5, atol=1e-5)
+    grad_h, = torch.autograd.grad((loss * c["upstream"]).sum(), h)
+    torch.testing.assert_close(grad_h, brute_grads(c["hidden"], c["weight"], c["targets"], c["upstream"])[0],
+                               rtol=1e-4, atol=1e-5)
     monkeypatch.setenv("DSEL_KERNELS", "triton")
     assert kernels.backend_name(torch.zeros(1)) == "triton"
+
+
+def test_head_operands_follow_autocast():
+    h, W = torch.randn(3, 4), torch.randn(5, 4, dtype=torch.float64)
+    assert [t.dtype for t in kernels.head_operands(h, W)] == [torch.float32, torch.float32]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert [t.dtype for t in kernels.head_operands(h, W)] == [torch.bfloat16, torch.bfloat16]
+
+
+def test_models_run_the_head_in_bf16_under_autocast(monkeypatch):
+    """GPT.token_losses and the CoLoR scorer hand the fused head bf16 operands under bf16 autocast
+    (the residual stream is fp32 there) and fp32 ones without it."""
+    from dsel.color.scorer import next_token_losses
+    from dsel.models.config import preset
+    from dsel.models.gpt import GPT
+
+    seen = []
+    real = kernels.linear_cross_entropy
+
+    def spy(hidden, weight, targets, **kw):
+        seen.append((hidden.dtype, weight.dtype))
+        return real(hidden, weight, targets, **kw)
+
+    monkeypatch.setattr(kernels, "linear_cross_entropy", spy)
+    model = GPT(preset("tiny"))
+    tokens = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.token_losses(tokens)
+    next_token_losses(model, tokens, precision="bf16")
+    next_token_losses(model, tokens, precision="fp32")
+    assert seen == [(torch.bfloat16, torch.bfloat16)] * 2 + [(torch.float32, torch.float32)]
 
 
 def test_forward_mode_under_torch_compile():

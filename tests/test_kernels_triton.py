@@ -1,16 +1,17 @@
-"""Triton kernels (interpreted on CPU) against the plain-torch reference and full-logits autograd."""
+"""Triton kernels (interpreted on CPU tensors, compiled on CUDA ones) against the plain-torch
+reference and full-logits autograd."""
 import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # must precede the first import of the Triton module
+if not torch.cuda.is_available():  # CPU tensors need the interpreter, chosen when Triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import kernels  # noqa: E402
+from dsel.errors import DselError  # noqa: E402
 from kernels.linear_ce import LinearCrossEntropyFunction  # noqa: E402
-from _kernels_util import (SHAPES, brute_grads, brute_loss, brute_sequence_dots, make_case,  # noqa: E402
-                           tol)
+from _kernels_util import SHAPES, brute_grads, brute_loss, brute_sequence_dots, make_case, tol  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16]
@@ -42,7 +43,7 @@ def test_gradients_match_reference_and_autograd(shape, dtype):
     c = make_case(*shape, dtype=dtype, device=DEVICE)
     h = c["hidden"].clone().requires_grad_()
     W = c["weight"].clone().requires_grad_()
-    budget = 7 * shape[2] * h.element_size()  # 7-token backward chunks
+    budget = 7 * shape[0] * h.element_size()  # backward chunks of 7 vocabulary entries (last one shorter)
     loss = LinearCrossEntropyFunction.apply(h, W, c["targets"], _triton_backend(budget_bytes=budget))[0]
     grad_h, grad_W = torch.autograd.grad((loss * c["upstream"]).sum(), (h, W))
     assert grad_h.dtype == dtype and grad_W.dtype == dtype
@@ -99,3 +100,57 @@ def test_large_and_tiny_logits_match_full_logits(scale):
     assert torch.isfinite(loss).all() and torch.isfinite(tangent).all()
     torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(tangent, want_tangent, rtol=1e-4, atol=1e-4)
+
+
+def test_interpreted_triton_never_multiplies_bf16_raw_and_auto_keeps_cuda_off_it(monkeypatch):
+    """With TRITON_INTERPRET=1 every launch is interpreted, CUDA tensors included (a GPU host running
+    the README's test command): dots are upcast (the interpreter's bf16 tl.dot multiplies raw bits),
+    and `auto` sends CUDA tensors to the torch reference instead of the slow interpreter."""
+    import kernels.linear_ce_triton as K
+
+    if not K.INTERPRETED:
+        pytest.skip("Triton was imported without TRITON_INTERPRET=1")
+    c = make_case(*SHAPES[0], dtype=torch.bfloat16, device=DEVICE)
+    loss = kernels.linear_cross_entropy(c["hidden"], c["weight"], c["targets"])  # forced triton
+    torch.testing.assert_close(loss, brute_loss(c["hidden"], c["weight"], c["targets"]), rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("DSEL_KERNELS", "auto")
+    cuda_like = type("CudaTensor", (), {"is_cuda": True})()
+    assert kernels.backend_name(cuda_like) == "reference"
+
+
+def test_config_choice_is_pinned_or_timed_once_per_shape_bucket(monkeypatch):
+    import triton.testing
+
+    import kernels.linear_ce_triton as K
+
+    variant = K.Variant("sweep", "bf16")
+    candidates = K.configs(variant)
+    timed = []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (timed.append(1), fn())[1])
+    monkeypatch.setattr(K, "_CHOSEN", {})
+    runs = []
+    speed = {id(c): t for c, t in zip(candidates, [3.0, 1.0, 2.0])}
+    run = lambda c: (runs.append(c), speed[id(c)])[1]
+    monkeypatch.setenv(K.CONFIG_ENV, "2")
+    assert K._choose(variant, (1024, 50304, 768), run) is candidates[2] and not runs
+    monkeypatch.setenv(K.CONFIG_ENV, "99")  # past the end of a short list: its last entry
+    assert K._choose(variant, (1024, 50304, 768), run) is candidates[-1]
+    monkeypatch.setenv(K.CONFIG_ENV, "fast")
+    with pytest.raises(DselError, match="DSEL_KERNEL_CONFIG"):
+        K._choose(variant, (1024, 50304, 768), run)
+    monkeypatch.delenv(K.CONFIG_ENV)
+    assert K._choose(variant, (1024, 50304, 768), run) is candidates[1]  # the fastest
+    assert K._choose(variant, (1024, 50304, 768), run) is candidates[1] and len(timed) == 3  # cached
+    K._choose(variant, (2048, 50304, 768), run)  # another token bucket is timed again
+    assert len(timed) == 6
+
+
+def test_backward_chunk_is_sized_like_the_hidden_states():
+    from kernels.linear_ce_triton import MIN_BACKWARD_BUFFER_BYTES, backward_chunk_columns
+
+    cols = backward_chunk_columns(8192, 131072, 4096, 2)  # 64 MiB hidden states -> 128 MiB chunk
+    assert cols == 8192 and cols % 256 == 0
+    assert backward_chunk_columns(100, 50304, 768, 2) == 50304  # small: the whole [N, V] in one chunk
+    small = backward_chunk_columns(65536, 50304, 64, 4)
+    assert small * 65536 * 4 <= MIN_BACKWARD_BUFFER_BYTES and small % 256 == 0
+    assert backward_chunk_columns(37, 100, 24, 4, budget_bytes=7 * 37 * 4, round_to=1) == 7

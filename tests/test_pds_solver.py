@@ -80,7 +80,7 @@ def _setup(batch_size=0, steps=3, checkpoint_every=1, n=6, score_every=0, target
     proxy = random_tokens(n, 8, seed=5)
     target = random_tokens(3, 8, seed=6) if target is None else target
     cfg = SolverConfig(steps=steps, lr=0.3, batch_size=batch_size, micro_batch=4, checkpoint_every=checkpoint_every,
-                       score_every=score_every)
+                       score_every=score_every, tf32=False)
     solver = PMPSolver(model, proxy, target, cfg, show_progress=False)
     gamma = np.random.default_rng(7).dirichlet(np.ones(n))
     return model, proxy, target, cfg, solver, gamma
@@ -243,7 +243,7 @@ def test_gamma_moves_toward_copies_of_target_data():
     target = np.stack([(np.arange(length) + o) % 6 for o in range(6)])
     noise = rng.integers(6, vocab, size=(6, length))
     proxy = np.concatenate([target, noise])
-    cfg = SolverConfig(steps=4, lr=0.5, outer_epochs=3, alpha=0.5, micro_batch=12)
+    cfg = SolverConfig(steps=4, lr=0.5, outer_epochs=3, alpha=0.5, micro_batch=12, tf32=False)
     solver = PMPSolver(tiny_lm(seed=1, vocab_size=vocab), proxy, target, cfg, show_progress=False)
     results = solver.solve()
     assert results[-1].gamma[:6].sum() > 0.6

@@ -50,14 +50,14 @@ def next_token_losses(model: torch.nn.Module, tokens: torch.Tensor, loss_mask: t
     The head is fused with the loss (kernels.linear_cross_entropy), so no [tokens x vocab]
     logits are materialised. Differentiable: the fine-tuning loop trains through it.
     """
-    from kernels import IGNORE_INDEX, linear_cross_entropy
+    from kernels import IGNORE_INDEX, head_operands, linear_cross_entropy
 
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     if loss_mask is not None:
         targets = targets.masked_fill(~loss_mask, IGNORE_INDEX)
     with autocast_for(tokens.device, precision):
-        hidden = model.hidden_states(inputs)
-    return linear_cross_entropy(hidden, model.head_weight.to(hidden.dtype), targets)
+        hidden, weight = head_operands(model.hidden_states(inputs), model.head_weight)  # bf16 under autocast
+        return linear_cross_entropy(hidden, weight, targets)
 
 
 def mean_token_losses(model: torch.nn.Module, tokens: torch.Tensor, lengths: torch.Tensor | None = None,

@@ -188,12 +188,12 @@ class GPT(nn.Module):
         Without `targets` the window predicts its own shifted tokens; the head and the loss are
         fused, so no logits are materialised.
         """
-        from kernels import linear_cross_entropy
+        from kernels import head_operands, linear_cross_entropy
 
         inputs = tokens[:, :-1]
         targets = tokens[:, 1:] if targets is None else targets
-        hidden = self.hidden_states(inputs)
-        losses = linear_cross_entropy(hidden.flatten(0, 1), self.head_weight.to(hidden.dtype), targets.flatten())
+        hidden, weight = head_operands(self.hidden_states(inputs), self.head_weight)  # bf16 under autocast
+        losses = linear_cross_entropy(hidden.flatten(0, 1), weight, targets.flatten())
         return losses.view(targets.shape)
 
     def sequence_losses(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:

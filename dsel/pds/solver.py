@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from dsel.config import option
+from dsel.device import tf32_matmuls
 from dsel.errors import DselError
 from dsel.io import progress
 from dsel.pds.functional import PAD, FunctionalLM, Params, all_finite, axpy, zeros_like
@@ -72,6 +73,7 @@ class SolverConfig:
     checkpoint_every: int = option(1, "store theta every k steps and recompute the rest backward; 1 = store all")
     offload_trajectory: bool = option(False, "keep stored parameters in CPU memory instead of on the device")
     seed: int = option(0, "seed of the SGD batch order (batch_size > 0)")
+    tf32: bool = option(True, "on GPU, fp32 matmuls and the fused head use TF32 tensor cores (off = exact fp32)")
 
 
 @dataclass
@@ -210,7 +212,8 @@ class PMPSolver:
     def gamma_gradient(self, gamma: np.ndarray) -> tuple[np.ndarray, float]:
         """One forward and backward pass at `gamma`: (G, objective)."""
         gamma = self._check_gamma(gamma)
-        return self.backward(gamma, self.forward(gamma))
+        with tf32_matmuls(self.config.tf32 and self.device.type == "cuda"):
+            return self.backward(gamma, self.forward(gamma))
 
     def solve(
         self,

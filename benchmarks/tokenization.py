@@ -8,7 +8,7 @@ document) and write .bin/.idx; the outputs are checked to be byte-identical befo
     encode + EOD per document, written with megatron-core's own IndexedDatasetBuilder).
 Prints documents/s and tokens/s at 1 and 2 workers and dsel's ratio to the baseline, and writes JSON.
 
-  python benchmarks/tokenize.py --docs 40000 --files 8 --out tokenize.json
+  python benchmarks/tokenization.py --docs 40000 --files 8 --out tokenize.json
 """
 import argparse
 import json
@@ -102,7 +102,7 @@ def main(argv=None):
     parser.add_argument("--files", type=int, default=8, help="jsonl files the documents are spread over")
     parser.add_argument("--vocab", type=int, default=4000)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--out", default="benchmarks/tokenize.json")
+    parser.add_argument("--out", default="benchmarks/tokenization.json")
     args = parser.parse_args(argv)
     os.environ.setdefault("DSEL_PROGRESS", "0")
     with tempfile.TemporaryDirectory() as tmp:
