@@ -116,14 +116,18 @@ def output_lock(out: str | os.PathLike, tag: str = "") -> Iterator[Path]:
         os.close(fd)
 
 
+def rank_tag() -> str:
+    """The lock tag of this process: one lock per rank under torchrun, whose ranks write one output together."""
+    return f".rank{os.environ.get('RANK', '0')}" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+
+
 def writes_output(field: str = "out"):
     """Decorator of a command's `run(cfg)`: holds `output_lock(cfg.<field>)` while it runs (one lock per
     rank under torchrun, whose ranks write the same output together)."""
     def wrap(run):
         @functools.wraps(run)
         def locked(cfg, *args, **kwargs):
-            world = int(os.environ.get("WORLD_SIZE", "1"))
-            with output_lock(getattr(cfg, field), f".rank{os.environ.get('RANK', '0')}" if world > 1 else ""):
+            with output_lock(getattr(cfg, field), rank_tag()):
                 return run(cfg, *args, **kwargs)
         return locked
     return wrap

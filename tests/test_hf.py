@@ -205,7 +205,7 @@ def test_tokenizer_folder_missing_its_file(tmp_path, capsys):
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOS}))
     corpus = tmp_path / "c.jsonl"
     corpus.write_text('{"text": "hello"}\n')
-    line = cli_error(capsys, ["tokenize", f"input={corpus}", f"output={tmp_path / 'out' / 'x'}", f"tokenizer={folder}"])
+    line = cli_error(capsys, ["tokenize", f"input={corpus}", f"out={tmp_path / 'out' / 'x'}", f"tokenizer={folder}"])
     assert f"{folder}: tokenizer folder has no tokenizer.json" in line
     assert not (tmp_path / "out").exists()
 
@@ -287,8 +287,8 @@ def test_readme_tokenize_then_train_works_as_written(tmp_path, monkeypatch):
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     lines = [line.split("#")[0].strip() for line in readme.splitlines()]
-    tokenize = [line for line in lines if line.startswith("dsel tokenize input=") and "data/pool.model" in line
-                or line.startswith("dsel tokenize input=corpus/*.jsonl.gz output=data/pool vocab_size=")]
+    tokenize = [line for line in lines if line.startswith("dsel tokenize input=") and "://" not in line
+                and ("tokenizer=data/pool.model" in line or line.startswith("dsel tokenize input=corpus/*.jsonl.gz "))]
     train = next(line for line in lines if line.startswith("dsel train data=data/pool valid=data/valid"))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "corpus").mkdir()

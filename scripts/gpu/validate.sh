@@ -80,11 +80,7 @@ build_extension() {
   python3 setup.py build_ext --inplace && python3 -c "import dsel._C; print('built', dsel._C.__file__)"
 }
 
-measure_bench() {  # a benchmarks/ script without its folder on sys.path
-  python3 -c 'import runpy, sys; path = sys.argv[1]; sys.argv = sys.argv[1:]; runpy.run_path(path, run_name="__main__")' "$@"
-}
-
-peak() {  # the bf16 matmul rate every MFU below is measured against (fp32 at toy size on CPU)
+measure_peak() {  # the bf16 matmul rate every MFU below is measured against (fp32 at toy size on CPU)
   python3 - "$OUT/peak.json" "$DRY" <<'EOF'
 import sys, torch, triton
 from dsel.benchmarking import matmul_flops
