@@ -53,5 +53,6 @@ def materialise(windows: Windows, indices: np.ndarray, out_dir: str | Path, shar
     prefixes = [job[3] for job in jobs]
     selected = merge_datasets(prefixes, out_dir / "selected")
     corpus = corpus_prefix(windows.source)
-    write_derived_meta(corpus, selected, selected_from=corpus)  # models trained on it record the tokenizer
+    # models trained on it record the tokenizer; `window` makes dsel train draw one sample per window
+    write_derived_meta(corpus, selected, selected_from=corpus, window=windows.window)
     return prefixes, selected
