@@ -98,11 +98,12 @@ def test_results_table_shows_the_change_against_random():
     from dsel.pipeline.commands import format_results
 
     results = {"target": "science", "arms": {
-        "color": {"target_loss": 0.75, "mean_loss": 1.0, "lm_eval": {"t": {"acc,none": 0.5}}},
-        "random": {"target_loss": 1.0, "mean_loss": 0.9}}}
+        "color": {"target_loss": 0.75, "mean_loss": 1.0, "lm_eval": {"t": {"acc,none": 0.5}},
+                  "stderr": {"science": 0.0125}, "data_efficiency": {"multiplier": 4.0}},
+        "random": {"target_loss": 1.0, "mean_loss": 0.9, "data_efficiency": {"multiplier": 1.0}}}}
     color, random = format_results(results).splitlines()[1:]
-    assert color.split() == ["color", "0.7500", "-25.0%", "1.0000", "0.500"]
-    assert random.split() == ["random", "1.0000", "-", "0.9000", "-"]
+    assert color.split() == ["color", "0.7500", "0.0125", "-25.0%", "4.00x", "1.0000", "0.500"]
+    assert random.split() == ["random", "1.0000", "-", "-", "1.00x", "0.9000", "-"]
 
 
 def test_until_select_stops_after_the_selections_and_still_reports(tmp_path, monkeypatch):

@@ -262,10 +262,10 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data, window: Optional[int] = None, batch_size: int = 8,
-             device: str | torch.device | None = None, max_batches: Optional[int] = None,
-             precision: str = "auto") -> float:
-    """Mean held-out loss of the first windows of `data` (a dataset prefix or a Windows).
+def window_losses(model: torch.nn.Module, data, window: Optional[int] = None, batch_size: int = 8,
+                  device: str | torch.device | None = None, max_batches: Optional[int] = None,
+                  precision: str = "auto") -> np.ndarray:
+    """Held-out loss of each of the first windows of `data` (a dataset prefix or a Windows), float64.
 
     Windows are consecutive `window` tokens (default: the model's seq_len + 1, predicting seq_len).
     """
@@ -275,14 +275,19 @@ def evaluate(model: torch.nn.Module, data, window: Optional[int] = None, batch_s
     stop = len(windows) if max_batches is None else min(len(windows), max_batches * batch_size)
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    losses = []
     for _, tokens in WindowStream(windows, batch_size, stop=stop):
         with autocast_for(device, precision):
-            losses = model.sequence_losses(torch.from_numpy(tokens).to(device))
-        total += losses.double().sum().item()
-        count += len(losses)
+            losses.append(model.sequence_losses(torch.from_numpy(tokens).to(device)).double().cpu().numpy())
     model.train(was_training)
-    return total / count
+    return np.concatenate(losses)
+
+
+def evaluate(model: torch.nn.Module, data, window: Optional[int] = None, batch_size: int = 8,
+             device: str | torch.device | None = None, max_batches: Optional[int] = None,
+             precision: str = "auto") -> float:
+    """Mean held-out loss of the first windows of `data` (see window_losses)."""
+    return float(window_losses(model, data, window, batch_size, device, max_batches, precision).mean())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,11 +388,14 @@ def step_batches(samples, cfg: TrainConfig, first_step: int, steps: int, weights
 
 
 def train(cfg: TrainConfig, sample_weights: SampleWeights | None = None,
-          on_step: Callable[[int, dict], None] | None = None) -> Path:
+          on_step: Callable[[int, dict], None] | None = None,
+          online_batches: Callable[[torch.nn.Module, int], list] | None = None) -> Path:
     """Train (or resume, or fine-tune from cfg.init) and return the checkpoint directory out/model.
 
     `sample_weights(ids) -> float[len(ids)]` weights each training sample's loss (overrides
-    cfg.weights); `on_step(step, row)` is called after every logged step.
+    cfg.weights); `on_step(step, row)` is called after every logged step; `online_batches(model,
+    step)` -> [(tokens, weights)] replaces the data's samples with batches chosen by the model as it
+    trains (RHO-down; a function of the step and the weights, so a resumed run stays exact).
     """
     out = Path(cfg.out)
     device = resolve_device(cfg.device)
@@ -410,7 +418,10 @@ def train(cfg: TrainConfig, sample_weights: SampleWeights | None = None,
     if first_step >= steps:
         return out / "model"
 
-    batches = step_batches(run.samples, cfg, first_step, steps, run.weights_of, pin=device.type == "cuda")
+    if online_batches is None:
+        batches = step_batches(run.samples, cfg, first_step, steps, run.weights_of, pin=device.type == "cuda")
+    else:  # chosen right before each step, by the model the previous step left
+        batches = (online_batches(model, step) for step in range(first_step, steps))
     with open(log_path, "a") as log_file, closing(batches), progress(total=steps, initial=first_step, desc="train",
                                                                      unit="step") as bar:
         for step, micro_batches in enumerate(batches, first_step):
