@@ -42,13 +42,17 @@ def log_importance_weights(pool_files: Sequence[str], target_files: Sequence[str
                            num_buckets: int = 10000, num_proc: int = 1) -> dict[str, float]:
     """doc id -> the package's log importance weight of every pool document."""
     from data_selection import HashedNgramDSIR
+    from joblib import parallel_config
 
     load = document_reader(text_field, id_field)
     dsir = HashedNgramDSIR(raw_datasets=list(map(str, pool_files)), target_datasets=list(map(str, target_files)),
                            cache_dir=str(cache_dir), raw_load_dataset_fn=load, target_load_dataset_fn=load,
                            num_proc=num_proc, ngrams=ngrams, num_buckets=num_buckets)
-    dsir.fit_importance_estimator(num_tokens_to_fit="all")
-    dsir.compute_importance_weights()
+    # threads, not joblib's worker processes: nltk 3.10's ReDoS-guarded tokenizer does not survive pickling
+    # (its timeout sentinel arrives as another object and re.findall rejects it)
+    with parallel_config(backend="threading"):
+        dsir.fit_importance_estimator(num_tokens_to_fit="all")
+        dsir.compute_importance_weights()
     weights: dict[str, float] = {}
     shards = dsir._get_virtually_sharded_datasets(dsir.raw_datasets)  # how the package split the files
     for path in dsir.raw_datasets:
