@@ -4,8 +4,11 @@
     prior                         proxy/prior LM trained on the pool
     pds/proxy, pds/solve, pds/fit, pds/score, pds/select
     color/finetune, color/score, color/select
+    cond-only/select              the conditional-only baseline (-loss_cond of color/score)
+    dsir/score, dsir/select       DSIR keys from the data-selection package, the same token budget
     random/select                 random windows with the same token budget
-    pretrain/<arm>, eval/<arm>    one model per arm (each method and random), held-out losses, lm-eval
+    pretrain/<arm>, eval/<arm>    one model per arm (each method and random), held-out losses, lm-eval;
+                                  pretrain/rho-down selects its batches online from the pool
     report                        HTML page + PNGs
 """
 from __future__ import annotations
