@@ -161,3 +161,10 @@ def test_a_selection_of_another_window_length_is_refused(tmp_path):
     data, _, _ = selected_dataset(tmp_path, window=33)
     with pytest.raises(DselError, match="33-token windows cannot train as selected with seq_len=16"):
         training_samples(tiny_config(tmp_path, [data]), 16, 64, 32)
+
+
+def test_megatron_backend_refuses_the_torch_only_recipe_options(tmp_path):
+    for extra in (dict(z_loss=1e-4), dict(model={**TINY_MODEL, "qk_layernorm": True}),
+                  dict(model={**TINY_MODEL, "norm_bias": False})):
+        with pytest.raises(DselError, match="torch-backend features"):
+            tiny_config(tmp_path, ["d"], backend="megatron", **extra)

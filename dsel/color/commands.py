@@ -25,6 +25,12 @@ log = logging.getLogger(__name__)
 
 TargetFormat = Literal["pieces", "sft", "chunks"]
 
+# The official prior (color-filter-olmo configs/base.yaml): batch 256 = 64 x 4, AdamW lr 1e-3, betas (0.9, 0.95),
+# eps 1e-15, wd 0, clip 1.0, z-loss 1e-4, OLMo's cosine with 1000 warmup steps to 0.1x.
+PRIOR_RECIPE = {"preset": "color-150m", "batch_size": 64, "grad_accum": 4, "lr": 1e-3, "min_lr": 1e-4, "warmup": 1000,
+                "schedule": "olmo", "weight_decay": 0.0, "beta1": 0.9, "beta2": 0.95, "adam_eps": 1e-15,
+                "z_loss": 1e-4, "grad_clip": 1.0}
+
 
 @dataclass(kw_only=True)
 class ColorScoreConfig(ColorScorerConfig):
@@ -48,7 +54,8 @@ class ColorTrainPriorConfig:
     fraction: float = option(1.0, "fraction of the corpus documents, drawn at random, to train on (1.0 = all)")
     seed: int = option(0, "seed of the random slice")
     train: dict[str, Any] = option({}, "dsel train settings (TrainConfig) other than data and out, e.g. "
-                                       "{steps: 20000, lr: 1e-3}; preset defaults to color-150m")
+                                       "{steps: 24000}; unset ones default to the official prior recipe "
+                                       "(PRIOR_RECIPE: preset color-150m, lr 1e-3, wd 0, eps 1e-15, z-loss 1e-4, ...)")
 
 
 @dataclass
@@ -136,7 +143,9 @@ def run_train_prior(cfg: ColorTrainPriorConfig):
     if reserved:
         raise DselError(f"train.{reserved[0]}: set by color train-prior (from corpus, fraction and out); remove it")
     data = random_slice(cfg.corpus, cfg.fraction, cfg.seed, str(Path(cfg.out) / "slice"))
-    settings = {"preset": "color-150m", **cfg.train, "data": [data], "out": cfg.out}
+    settings = {**PRIOR_RECIPE, **cfg.train, "data": [data], "out": cfg.out}
+    if "min_lr" not in cfg.train and "lr" in cfg.train:  # keep the official 0.1x floor under another lr
+        settings["min_lr"] = 0.1 * float(settings["lr"])
     train_cfg = from_dict(TrainConfig, settings, "color train-prior: train")
     return run_train(train_cfg)
 

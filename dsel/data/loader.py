@@ -209,7 +209,8 @@ class WindowSampleLoader:
         rng = np.random.RandomState(seed)
         epochs = -(-num_samples // len(dataset))
         self.epochs = epochs
-        self.order = np.concatenate([rng.permutation(len(dataset)) for _ in range(epochs)])[:num_samples]
+        dtype = np.int32 if len(dataset) < 2**31 else np.int64  # 4 bytes a sample at 1e8+ samples
+        self.order = np.concatenate([rng.permutation(len(dataset)).astype(dtype) for _ in range(epochs)])[:num_samples]
 
     def window_of(self, ids: Sequence[int]) -> np.ndarray:
         """The selected window (document id of the dataset) each sample id trains on."""
