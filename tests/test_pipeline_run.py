@@ -134,8 +134,8 @@ def test_until_select_stops_after_the_selections_and_still_reports(tmp_path, mon
     assert set(stage_times(run_dir)) == {"tokenize", "prior", "color/finetune"}
     main(["run", "-c", str(config), "methods=[color]", "until=score"])
     assert set(stage_times(run_dir)) == {"tokenize", "prior", "color/finetune", "color/score"}
-    main(["run", "-c", str(config), "methods=[color]", "until=select", "color.select.method=color-batch",
-          "color.select.color_batch=4"])
+    main(["run", "-c", str(config), "methods=[color]", "until=select",
+          "color.select={method: color-batch, column: color, color_batch: 4}"])
     selection = json.loads((run_dir / "color" / "select" / "selection.json").read_text())
     assert selection["method"] == "color-batch" and selection["tau"] == pytest.approx(1 / 0.3)
     assert selection["k"] == round(selection["pool"] * 0.3)  # the budget sets how many color-batch keeps
