@@ -2,8 +2,11 @@
 
 Every command takes `-c/--config FILE.yaml` and any number of `key=value` overrides:
 
-    dsel tokenize input=corpus.jsonl output=data/corpus vocab_size=8000
+    dsel tokenize input=corpus.jsonl out=data/corpus vocab_size=8000
     dsel pds solve -c configs/pds.yaml solver.steps=50
+
+Global options (`--log-level`) are accepted before or after the command; `--print-config` prints
+the resolved settings as YAML and exits without running.
 
 A stage module declares its commands in a module-level list `COMMANDS` of `Command`s; listing
 the module in `COMMAND_MODULES` below puts them on the command line. Heavy imports (torch,
@@ -19,7 +22,9 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from dsel.config import describe, load_config
+import yaml
+
+from dsel.config import describe, load_config, to_dict
 from dsel.errors import DselError
 
 # Modules that declare `COMMANDS`; each stage adds its own line.
@@ -32,6 +37,7 @@ COMMAND_MODULES: list[str] = [
     "dsel.train.commands",
     "dsel.eval.commands",
     "dsel.pipeline.commands",
+    "dsel.models.commands",
 ]
 
 # A one-word command that is also a group ("score" next to "score merge") is the group's `run`.
@@ -59,7 +65,7 @@ def build_parser(commands: list[Command]) -> argparse.ArgumentParser:
         prog="dsel",
         description="Select pretraining data with PDS or CoLoR-Filter, pretrain on it and evaluate.",
     )
-    parser.add_argument("--log-level", default=os.environ.get("DSEL_LOG_LEVEL", "INFO"))
+    add_global_options(parser, os.environ.get("DSEL_LOG_LEVEL", "INFO"))
     top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
     for cmd in commands:
@@ -79,9 +85,17 @@ def build_parser(commands: list[Command]) -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         sub.add_argument("-c", "--config", help="YAML file of settings")
+        sub.add_argument("--print-config", action="store_true", help="print the resolved settings as YAML and exit")
+        add_global_options(sub, argparse.SUPPRESS)  # also after the command; the top-level value is the default
         sub.add_argument("overrides", nargs="*", metavar="key=value", help="settings that override the YAML file")
         sub.set_defaults(_command=cmd)
     return parser
+
+
+def add_global_options(parser: argparse.ArgumentParser, default) -> None:
+    """Options every command takes, before or after its name."""
+    parser.add_argument("--log-level", default=default, type=str.upper,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], help="logging level (default INFO)")
 
 
 def group_names(commands: list[Command]) -> set[str]:
@@ -109,11 +123,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser(commands)
     args = parser.parse_args(with_default_subcommand(sys.argv[1:] if argv is None else list(argv), commands))
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     cmd: Command = args._command
     try:
         config = load_config(cmd.config, args.config, args.overrides)
+        if args.print_config:
+            print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+            return
         cmd.run(config)
     except DselError as e:
         print(f"dsel {cmd.name}: error: {e}", file=sys.stderr)

@@ -4,12 +4,16 @@ Every stage declares its settings as a dataclass whose fields carry a `help` str
 metadata (`field(default=..., metadata={"help": ...})`, or the shorthand `option(...)`).
 `load_config(Cls, "cfg.yaml", ["train.lr=3e-4"])` reads the YAML, applies dotted overrides,
 checks every key and type, and returns a `Cls`. A typo gets a one-line error naming the file,
-the key and the closest valid name.
+the key and the closest valid name; a bad value given on the command line is blamed on the
+command line. A field renamed in a release keeps its old name as an alias for one release:
+`option(..., aliases=("output",))` accepts `output=` with a one-line deprecation warning; a removed
+setting listed in the class's `REMOVED_OPTIONS` ({name: why}) is ignored with a warning.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from pathlib import Path
@@ -19,18 +23,40 @@ import yaml
 
 from dsel.errors import DselError
 
+log = logging.getLogger(__name__)
+COMMAND_LINE = "command line"
 
-def option(default: Any = dataclasses.MISSING, help: str = "", **kwargs) -> Any:
-    """A dataclass field with a help string; mutable defaults (lists, dicts) are copied per instance."""
+
+def option(default: Any = dataclasses.MISSING, help: str = "", aliases: tuple[str, ...] = (), **kwargs) -> Any:
+    """A dataclass field with a help string (and deprecated old names in `aliases`); mutable defaults
+    (lists, dicts) are copied per instance."""
+    metadata = {"help": help, "aliases": tuple(aliases)}
     if isinstance(default, (list, dict)):
         value = default
-        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kwargs)
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=metadata, **kwargs)
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
+class Origins(str):
+    """The source named in errors: the config file, or the command line for the keys it set."""
+
+    def __new__(cls, file: str, command_line: set[str]):
+        origin = super().__new__(cls, file)
+        origin.command_line = command_line
+        return origin
+
+    def of(self, key: str) -> str:
+        parts = key.replace("[", ".").split(".")
+        given = any(".".join(parts[: i + 1]) in self.command_line for i in range(len(parts)))
+        return COMMAND_LINE if given else str(self)
+
+
+def _where(source: str, key: str) -> str:
+    return source.of(key) if isinstance(source, Origins) else source
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: Iterable[str] = ()) -> Any:
     """Build a `cls` from an optional YAML file plus `key.sub=value` overrides."""
-    source = str(path) if path else "<defaults>"
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -42,19 +68,32 @@ def load_config(cls: type, path: str | Path | None = None, overrides: Iterable[s
             raise DselError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise DselError(f"{path}: expected a mapping of settings at the top level")
-    for item in overrides:
-        _apply_override(data, item)
+    given = {_apply_override(data, item) for item in overrides}
+    source = Origins(str(path) if path else COMMAND_LINE, given)
     return from_dict(cls, data, source)
 
 
 def from_dict(cls: type, data: dict, source: str = "<config>", prefix: str = "") -> Any:
     """Convert a nested dict into dataclass `cls`, checking keys and coercing types."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    renamed = {old: f.name for f in fields.values() for old in f.metadata.get("aliases", ())}
     hints = typing.get_type_hints(cls)
     kwargs = {}
+    removed = getattr(cls, "REMOVED_OPTIONS", {})
     for key, value in data.items():
+        if key in removed and key not in fields:
+            log.warning("%s: '%s%s' has no effect any more and will be refused in the next release (%s)",
+                        _where(source, prefix + key), prefix, key, removed[key])
+            continue
+        if key in renamed and key not in fields:
+            new = renamed[key]
+            log.warning("%s: '%s%s' is deprecated and will be removed; use '%s%s'", _where(source, prefix + key),
+                        prefix, key, prefix, new)
+            if new in data:
+                raise DselError(f"{_where(source, prefix + key)}: both '{prefix}{key}' (deprecated) and '{prefix}{new}' are set")
+            key = new
         if key not in fields:
-            raise DselError(f"{source}: unknown key '{prefix}{key}' for {cls.__name__}{_suggest(key, fields)}")
+            raise DselError(f"{_where(source, prefix + key)}: unknown key '{prefix}{key}' for {cls.__name__}{_suggest(key, fields)}")
         kwargs[key] = _coerce(value, hints[key], source, f"{prefix}{key}")
     missing = [n for n, f in fields.items() if n not in kwargs and _is_required(f)]
     if missing:
@@ -89,11 +128,15 @@ def describe(cls: type, prefix: str = "") -> list[str]:
     return lines
 
 
-def _apply_override(data: dict, item: str) -> None:
+def _apply_override(data: dict, item: str) -> str:
+    """Set `key=value` (the value read as YAML) in `data`; returns the key."""
     if "=" not in item:
         raise DselError(f"command line: override '{item}' is not of the form key=value")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw else ""
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as e:
+        raise DselError(f"command line: '{item}': the value is not valid YAML ({str(e).splitlines()[0]})") from None
     node = data
     parts = key.strip().split(".")
     for part in parts[:-1]:
@@ -101,6 +144,7 @@ def _apply_override(data: dict, item: str) -> None:
         if not isinstance(node, dict):
             raise DselError(f"command line: '{key}' sets a field inside a non-mapping setting")
     node[parts[-1]] = value
+    return key.strip()
 
 
 def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:
@@ -118,7 +162,7 @@ def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:
         raise _type_error(source, key, value, hint)
     if origin is typing.Literal:
         if value not in args:
-            raise DselError(f"{source}: '{key}' must be one of {', '.join(map(repr, args))}, got {value!r}")
+            raise DselError(f"{_where(source, key)}: '{key}' must be one of {', '.join(map(repr, args))}, got {value!r}")
         return value
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
@@ -159,7 +203,7 @@ def _is_float(text: str) -> bool:
 
 
 def _type_error(source: str, key: str, value: Any, hint: Any) -> DselError:
-    return DselError(f"{source}: '{key}' should be {_type_name(hint)}, got {value!r}")
+    return DselError(f"{_where(source, key)}: '{key}' should be {_type_name(hint)}, got {value!r}")
 
 
 def _suggest(key: str, names: Iterable[str]) -> str:
@@ -176,4 +220,13 @@ def _default_of(f: dataclasses.Field) -> Any:
 
 
 def _type_name(hint: Any) -> str:
+    """`int`, `int or None`, `'bpe' | 'unigram'`, `list[str]`: how --help and errors name a type."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return " | ".join(map(repr, args))
+    if origin in (typing.Union, types.UnionType):
+        names = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(names) + (" or None" if type(None) in args else "")
+    if origin is not None:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(_type_name(a) for a in args)}]"
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")

@@ -20,7 +20,7 @@ def tokenized_slice(directory: Path, name: str = "pool", docs: int = 120, vocab_
     with gzip.open(source, "rt") as f:
         lines = list(itertools.islice(f, docs))
     (directory / f"{name}.jsonl").write_text("".join(lines))
-    cfg = TokenizeConfig(input=str(directory / f"{name}.jsonl"), output=str(directory / name), vocab_size=vocab_size,
+    cfg = TokenizeConfig(input=str(directory / f"{name}.jsonl"), out=str(directory / name), vocab_size=vocab_size,
                          tokenizer=tokenizer, id_field="id", workers=1)
     return tokenize_corpus(cfg)
 

@@ -95,3 +95,23 @@ def test_pmp_benchmark_dots_agree(tmp_path):
     result = read_json(out)
     assert result["dot_relative_error"] < 1e-3  # the JVP dots equal the per-example backward ones
     assert result["speedup_vs_naive"] > 0 and 0 < result["solve_fraction_of_pretraining"]
+
+
+def test_tokenize_benchmark(tmp_path, capsys):
+    bench = load_benchmark("tokenize")
+    out = tmp_path / "bench.json"
+    bench.main(["--docs", "120", "--files", "2", "--vocab", "300", "--out", str(out)])  # exits unless outputs are identical
+    rows = read_json(out)["rows"]
+    assert [r["workers"] for r in rows] == [1, 2]
+    assert all(r["dsel"]["docs"] == r["megatron"]["docs"] == 120 and r["dsel_over_megatron"] > 0 for r in rows)
+    assert "dsel/megatron" in capsys.readouterr().out
+
+
+def test_generate_benchmark(tmp_path, capsys):
+    bench = load_benchmark("generate")
+    out = tmp_path / "bench.json"
+    bench.main(["--device", "cpu", "--preset", "tiny", "--prompt", "10", "--new-tokens", "4", "--repeats", "1",
+                "--out", str(out)])
+    result = read_json(out)
+    assert set(result["rows"]) == {"kv cache", "rerun window"} and result["speed_ratio"] > 0
+    assert "ratios:" in capsys.readouterr().out

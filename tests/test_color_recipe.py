@@ -139,7 +139,7 @@ def selected_dataset(tmp_path, window: int):
     n = len(Windows(IndexedDataset(corpus), window))
     np.save(tmp_path / "scores.npy", np.random.default_rng(0).normal(size=n))
     out = run_select(SelectConfig(scores=str(tmp_path / "scores.npy"), corpus=corpus, window=window, method="topk",
-                                  fraction=0.5, out=str(tmp_path / "select"), shards=2, workers=1))
+                                  fraction=0.5, out=str(tmp_path / "select")))
     return str(out / "data" / "selected"), Windows(IndexedDataset(corpus), window), np.load(out / "indices.npy")
 
 

@@ -74,3 +74,55 @@ def test_missing_required_and_missing_file(tmp_path):
 def test_describe_lists_nested_settings():
     text = "\n".join(describe(Outer))
     assert "train.lr: float = 0.001  learning rate" in text and "name: str (required)" in text
+
+
+@dataclass
+class Renamed:
+    out: str = option("o", "output folder", aliases=("output",))
+    steps: Optional[int] = option(None, "steps")
+
+
+def test_command_line_errors_blame_the_command_line_and_name_the_type(tmp_path):
+    p = write(tmp_path, "name: x\ntrain:\n  steps: oops\n")
+    with pytest.raises(DselError, match=r"/cfg.yaml: 'train.steps' should be int, got 'oops'$"):
+        load_config(Outer, p)
+    with pytest.raises(DselError, match=r"^command line: 'train.steps' should be int, got 'abc'$"):
+        load_config(Outer, p, ["train.steps=abc"])
+    with pytest.raises(DselError, match=r"^command line: 'steps' should be int or None, got 'abc'$"):
+        load_config(Renamed, None, ["steps=abc"])
+    with pytest.raises(DselError, match=r"^command line: 'tags=\[a': the value is not valid YAML"):
+        load_config(Outer, None, ["name=x", "tags=[a"])
+    with pytest.raises(DselError, match=r"^command line: missing required setting\(s\) name$"):
+        load_config(Outer, None, [])
+
+
+def test_deprecated_alias_still_works_with_a_warning(caplog):
+    assert load_config(Renamed, None, ["output=x"]).out == "x"
+    assert "'output' is deprecated and will be removed; use 'out'" in caplog.text
+    with pytest.raises(DselError, match="both 'output' .deprecated. and 'out' are set"):
+        load_config(Renamed, None, ["output=x", "out=y"])
+
+
+def test_help_shows_choices_and_optional_types():
+    text = "\n".join(describe(Outer))
+    assert "mode: 'a' | 'b' = 'a'" in text and "seed: int or None = None" in text and "tags: list[str] = []" in text
+
+
+def test_cli_global_options_anywhere_and_print_config(capsys):
+    import yaml
+
+    from dsel.cli import main
+
+    main(["tokenize", "input=c.jsonl", "out=d/c", "--log-level", "warning", "--print-config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["input"] == "c.jsonl" and printed["out"] == "d/c" and printed["workers"] == 2
+    main(["--log-level", "ERROR", "select", "scores=s", "--print-config"])
+    assert yaml.safe_load(capsys.readouterr().out)["method"] == "gumbel"
+
+
+def test_removed_option_is_ignored_with_a_warning(caplog):
+    from dsel.select.commands import SelectConfig
+
+    cfg = load_config(SelectConfig, None, ["scores=s", "shards=16"])
+    assert cfg.scores == "s" and not hasattr(cfg, "shards")
+    assert "command line: 'shards' has no effect any more" in caplog.text

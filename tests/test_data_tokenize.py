@@ -42,7 +42,7 @@ def trained(tmp_path_factory):
             f.write(json.dumps({"uid": f"u{i}", "text": text}) + "\n")
             if i == 5:
                 f.write(json.dumps({"uid": "empty", "text": "   "}) + "\n")  # skipped
-    main(["tokenize", f"input={root / 'corpus.jsonl'}", f"output={root / 'out/c'}", "vocab_size=320", "id_field=uid"])
+    main(["tokenize", f"input={root / 'corpus.jsonl'}", f"out={root / 'out/c'}", "vocab_size=320", "id_field=uid"])
     return root, docs
 
 
@@ -77,7 +77,7 @@ def test_parquet_and_text_with_loaded_tokenizer_and_workers(trained, tmp_path):
     outputs = {}
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
-        tokenize_corpus(config(input=str(corpus), output=str(out), tokenizer=model, text_field="body",
+        tokenize_corpus(config(input=str(corpus), out=str(out), tokenizer=model, text_field="body",
                                id_field="key", workers=workers, chunk_docs=7))
         outputs[workers] = (open(f"{out}.idx", "rb").read(), open(f"{out}.bin", "rb").read())
     assert outputs[1] == outputs[2]
@@ -114,7 +114,7 @@ def test_bad_input_is_one_line_error(tmp_path, capsys, make_input, settings, mes
     path = make_input(tmp_path)
     settings = {k: (str(path) if v == "__self__" else v) for k, v in settings.items()}
     with pytest.raises(SystemExit) as info:
-        main(["tokenize", f"input={path}", f"output={tmp_path / 'out/x'}"] + [f"{k}={v}" for k, v in settings.items()])
+        main(["tokenize", f"input={path}", f"out={tmp_path / 'out/x'}"] + [f"{k}={v}" for k, v in settings.items()])
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("dsel tokenize: error:") and message in err
@@ -129,4 +129,4 @@ def _write(path, text):
 def test_parquet_missing_column(tmp_path):
     pq.write_table(pa.table({"body": ["a b"]}), tmp_path / "a.parquet")
     with pytest.raises(DselError, match=r"a\.parquet: no column\(s\) text"):
-        tokenize_corpus(config(input=str(tmp_path / "a.parquet"), output=str(tmp_path / "o"), vocab_size=300))
+        tokenize_corpus(config(input=str(tmp_path / "a.parquet"), out=str(tmp_path / "o"), vocab_size=300))

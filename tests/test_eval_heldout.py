@@ -45,4 +45,4 @@ def test_eval_loss_refuses_data_of_another_tokenizer(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["eval", "loss", f"checkpoint={checkpoint}", f"data={{pool: {tmp_path / 'pool'}}}"])
     assert e.value.code == 2
-    assert "different tokenizers" in capsys.readouterr().err
+    assert "tokenized with another tokenizer" in capsys.readouterr().err

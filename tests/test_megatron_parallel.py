@@ -16,6 +16,7 @@ pytest.importorskip("dsel.train.torch_backend")
 
 from dsel.config import from_dict  # noqa: E402
 from dsel.errors import DselError  # noqa: E402
+from dsel.models.checkpoint import read_weights  # noqa: E402
 from dsel.models.config import GPTConfig  # noqa: E402
 from dsel.train import torch_backend  # noqa: E402
 from dsel.train.config import TrainConfig  # noqa: E402
@@ -76,7 +77,7 @@ def run_group(cmd: list[str], cwd, env, timeout: int = 300) -> tuple[int, str]:
 def assert_same_weights(path_a: Path, path_b: Path) -> None:
     """Equal weights up to float noise; Adam turns a near-zero gradient's noise into an lr-sized step on a few
     entries (embedding rows of rare tokens), so a tiny fraction may differ by more."""
-    a, b = torch.load(path_a / "model.pt"), torch.load(path_b / "model.pt")
+    a, b = read_weights(path_a), read_weights(path_b)
     assert a.keys() == b.keys()
     for key in a:
         diff = (a[key] - b[key]).abs()
@@ -123,7 +124,7 @@ def test_bf16_matches_torch_backend_autocast(runs):
 def test_resume_after_interruption_is_exact(runs):
     """Stopped after step 4 (state saved at step 3), started again: the log and weights of an uninterrupted run."""
     assert read_log(runs / "dp2-resumed") == read_log(runs / "dp2")
-    a, b = torch.load(runs / "dp2-resumed" / "model" / "model.pt"), torch.load(runs / "dp2" / "model" / "model.pt")
+    a, b = read_weights(runs / "dp2-resumed" / "model"), read_weights(runs / "dp2" / "model")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert sorted(p.name for p in (runs / "dp2-resumed" / "state" / "megatron").iterdir()) == ["latest.json", "step-6"]
 

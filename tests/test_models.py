@@ -131,12 +131,26 @@ def test_checkpoint_errors(tmp_path):
         load_model(tmp_path / "missing")
     save_model(tmp_path / "a", GPT(small_config()))
     save_model(tmp_path / "b", GPT(small_config(d_model=64)))
-    shutil.copy(tmp_path / "b" / "model.pt", tmp_path / "a" / "model.pt")
+    shutil.copy(tmp_path / "b" / "model.safetensors", tmp_path / "a" / "model.safetensors")
     with pytest.raises(DselError, match="checkpoint from another architecture: .* has shape"):
         load_model(tmp_path / "a")
-    (tmp_path / "a" / "model.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "a" / "model.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(DselError, match="cannot be read"):
         load_model(tmp_path / "a")
+
+
+def test_checkpoint_of_torch_weights_still_loads(tmp_path):
+    """Checkpoints written before safetensors hold model.pt: they load to the same model."""
+    torch.manual_seed(3)
+    model = GPT(small_config())
+    save_model(tmp_path / "new", model)
+    assert (tmp_path / "new" / "model.safetensors").is_file() and not (tmp_path / "new" / "model.pt").exists()
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "new", old)
+    (old / "model.safetensors").unlink()
+    torch.save(model.state_dict(), old / "model.pt")
+    tokens = torch.randint(0, model.config.vocab_size, (2, 9))
+    torch.testing.assert_close(load_model(old)[0](tokens), model(tokens), rtol=0, atol=0)
 
 
 def test_scorer_starts_from_gpt_trunk(tmp_path):

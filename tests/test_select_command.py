@@ -1,5 +1,6 @@
 """`dsel select` end to end: a tiny corpus + score table -> indices, selection.json, histogram, Megatron data."""
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -46,14 +47,14 @@ def corpus(tmp_path):
 
 
 def run(**settings):
-    return run_select(from_dict(SelectConfig, {"workers": 1, **settings}))
+    return run_select(from_dict(SelectConfig, settings))
 
 
 def test_select_writes_indices_json_histogram_and_data(corpus, tmp_path):
     prefix, scores, windows, table = corpus
     out = tmp_path / "out"
     main(["select", f"scores={scores}", f"corpus={prefix}", f"out={out}", "method=color", "column=color", "tau=4",
-          "shards=3", "workers=2", "chunk_rows=40"])
+          "chunk_rows=40"])
     n = len(windows)
     color = table.column("color").to_numpy().astype(np.float64)
     window = table.column("window").to_numpy()
@@ -70,7 +71,7 @@ def test_select_writes_indices_json_histogram_and_data(corpus, tmp_path):
     kept_web = int(np.sum(domain[np.isin(window, expected)] == "web"))
     assert info["domains"]["web"]["kept"] == kept_web and info["domains"]["web"]["kept_share"] == kept_web / len(expected)
     assert (out / "histogram.png").read_bytes()[:4] == b"\x89PNG"
-    assert len(info["outputs"]["data"]["shards"]) == 3
+    assert not list((out / "data").glob("part-*"))  # one copy of the tokens
     merged = IndexedDataset(out / "data" / "selected")
     assert len(merged) == len(expected) and merged.num_documents == len(expected)
     np.testing.assert_array_equal(merged.stream, np.concatenate([windows.tokens(int(i)) for i in expected]))
@@ -91,12 +92,46 @@ def test_selected_data_carries_the_corpus_tokenizer_meta(corpus, tmp_path):
     assert meta["num_tokens"] == selected.num_tokens and meta["selected_from"] == str(prefix)
 
 
-def test_fewer_shards_on_rerun_remove_stale_parts(corpus, tmp_path):
-    prefix, scores, _, _ = corpus
-    run(scores=str(scores), corpus=str(prefix), out=str(tmp_path / "o"), method="topk", column="-loss_cond", shards=5)
-    run(scores=str(scores), corpus=str(prefix), out=str(tmp_path / "o"), method="topk", column="-loss_cond", shards=2)
-    assert sorted(p.name for p in (tmp_path / "o" / "data").glob("part-*")) == [
-        "part-00000.bin", "part-00000.idx", "part-00001.bin", "part-00001.idx"]
+def test_kept_parquet_and_docids_beside_the_selection(corpus, tmp_path):
+    from dsel.data.docids import read_doc_ids, read_document_strings, write_doc_ids, write_document_strings
+
+    prefix, scores, windows, table = corpus
+    write_doc_ids(prefix, [f"src{d}" for d in range(120)])
+    write_document_strings(f"{prefix}.domains.jsonl", ["ab"[d % 2] for d in range(120)])
+    out = run(scores=str(scores), corpus=str(prefix), out=str(tmp_path / "o"), method="topk", fraction=0.25,
+              column="color")
+    indices = np.load(out / "indices.npy")
+    kept = pq.read_table(out / "kept.parquet").to_pydict()
+    docs = windows.doc_of_window[indices]
+    assert kept["window"] == indices.tolist() and kept["doc"] == docs.tolist()
+    assert kept["doc_id"] == [f"src{d}" for d in docs] and kept["domain"] == ["ab"[d % 2] for d in docs]
+    by_window = dict(zip(table.column("window").to_pylist(), table.column("color").to_pylist()))
+    assert kept["color"] == [by_window[w] for w in indices.tolist()] and "text" not in kept  # no tokenizer at hand
+    assert read_doc_ids(out / "data" / "selected", expected=len(indices)) == [f"src{d}" for d in docs]
+    assert read_document_strings(out / "data" / "selected.domains.jsonl") == ["ab"[d % 2] for d in docs]
+
+
+def test_index_format_trains_the_same_samples_as_the_copy(corpus, tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset as MegatronIndexedDataset
+
+    from dsel.data.loader import GPTSampleLoader
+
+    prefix, scores, windows, _ = corpus
+    copy = run(scores=str(scores), corpus=str(prefix), out=str(tmp_path / "copy"), method="gumbel", column="color")
+    index = run(scores=str(scores), corpus=str(prefix), out=str(tmp_path / "index"), method="gumbel", column="color",
+                format="index")
+    copied, indexed = (IndexedDataset(d / "data" / "selected") for d in (copy, index))
+    assert os.path.islink(indexed.bin_path) and os.path.realpath(indexed.bin_path) == os.path.realpath(f"{prefix}.bin")
+    assert os.path.getsize(indexed.idx_path) == os.path.getsize(copied.idx_path)
+    theirs = MegatronIndexedDataset(indexed.prefix)
+    assert len(theirs) == len(copied)
+    for i in range(len(copied)):
+        np.testing.assert_array_equal(theirs[i], copied[i])
+    indexed.check_tokens(5000)
+    batches = [list(GPTSampleLoader(ds, 6, 4, seed=3, num_samples=40, prefetch=0)) for ds in (copied, indexed)]
+    assert len(batches[0]) == 10
+    for a, b in zip(*batches):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_npy_scores_with_headerless_corpus_and_token_budget(tmp_path):

@@ -71,7 +71,8 @@ class ColorFinetuneConfig:
     target: str = option(help="target data: a .jsonl file of texts, or a Megatron dataset prefix")
     out: str = option(help="checkpoint directory of the conditional model")
     text_key: str = option("text", "jsonl field holding the text")
-    tokenizer: Optional[str] = option(None, "sentencepiece model for jsonl targets; None = the prior's (from its meta)")
+    tokenizer: Optional[str] = option(None, "tokenizer for jsonl targets (sentencepiece .model, tokenizer.json or "
+                                            "folder); None = the prior's (from its meta)")
     target_format: TargetFormat = option("pieces", "pieces (documents + EOD, padding masked out) | sft (official "
                                                    "downstream: no EOS, right-padded, pad targets trained on) | "
                                                    "chunks (official Books: the stream cut into full rows)")
@@ -100,17 +101,10 @@ class ColorFinetuneConfig:
 
 def check_data_matches(prefix: str, models) -> None:
     """Refuse data tokenized with another tokenizer than the models (`ScoredModel`s; from the meta sidecar)."""
-    from dsel.data.meta import read_meta
+    from dsel.data.meta import check_same_tokenizer
 
-    if not Path(f"{prefix}.meta.json").is_file():
-        log.warning("%s.meta.json not found: cannot check its tokenizer against the models", prefix)
-        return
-    data = read_meta(prefix)
     for m in models:
-        for key in ("vocab_size", "tokenizer_sha256"):
-            have, want = m.meta.get(key), data.get(key)
-            if have is not None and want is not None and have != want:
-                raise DselError(f"{m.checkpoint}: model has {key}={have!r} but data {prefix} has {key}={want!r}")
+        check_same_tokenizer(m.checkpoint, m.meta, prefix)
 
 
 def random_slice(prefix: str, fraction: float, seed: int, out_prefix: str) -> str:
@@ -185,11 +179,14 @@ def target_documents(cfg: ColorFinetuneConfig, prior) -> tuple[list, int]:
         tokenizer_path = cfg.tokenizer or prior.meta.get("tokenizer")
         if not tokenizer_path:
             raise DselError(f"{cfg.prior}: checkpoint records no tokenizer; set tokenizer= to tokenize {cfg.target}")
-        from dsel.data.tokenize import load_tokenizer
+        from dsel.data.meta import tokenizer_mismatch
+        from dsel.data.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer_path)
-        if prior.meta.get("tokenizer_sha256") not in (None, tokenizer.sha256):
-            raise DselError(f"{tokenizer_path}: not the tokenizer the prior {cfg.prior} was trained with (sha256 differs)")
+        key = tokenizer_mismatch(prior.meta, tokenizer.identity())
+        if key:
+            raise DselError(f"{tokenizer_path}: not the tokenizer the prior {cfg.prior} was trained with ({key} "
+                            f"{tokenizer.identity()[key]!r}, the prior's {prior.meta[key]!r})")
         pad = getattr(tokenizer, "pad_id", None)
         return tokenize_texts(read_jsonl_texts(cfg.target, cfg.text_key), tokenizer), (
             pad if pad is not None and pad >= 0 else tokenizer.eod_id)

@@ -104,6 +104,11 @@ class ColorScorer:
     def vocab_size(self) -> int:
         return self.models[0].vocab_size
 
+    @property
+    def checkpoints(self) -> list[tuple[str, dict]]:
+        """(checkpoint, meta) of every model, for the corpus tokenizer check of `dsel score`."""
+        return [(m.checkpoint, m.meta) for m in self.models]
+
     def check_window(self, window: int) -> None:
         """Raise a DselError naming the checkpoint if `window` tokens do not fit a model's context."""
         if window < 2:

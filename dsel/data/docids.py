@@ -4,7 +4,8 @@
 `Windows.doc_of_window` gives a window's document index and this file turns that index back into
 the id of the source record (the input's id field, or `<file>:<record number>`), so scores can be
 joined to the original corpus. `<prefix>.domains.jsonl`, when present, holds every document's
-domain (for per-domain statistics and selection shares).
+domain (for per-domain statistics and selection shares). `<prefix>.fields.jsonl`, when present,
+holds one JSON object per document: the source fields `dsel tokenize keep_fields=` passed through.
 """
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ def doc_ids_path(prefix: str | os.PathLike) -> str:
 
 def domains_path(prefix: str | os.PathLike) -> str:
     return f"{prefix}.domains.jsonl"
+
+
+def fields_path(prefix: str | os.PathLike) -> str:
+    return f"{prefix}.fields.jsonl"
 
 
 def write_document_strings(path: str | os.PathLike, values: Iterable[str]) -> int:
@@ -57,3 +62,13 @@ def write_doc_ids(prefix: str | os.PathLike, ids: Iterable[str]) -> int:
 def read_doc_ids(prefix: str | os.PathLike, expected: int | None = None) -> list[str]:
     """The source id of each document; `expected` checks the count against the dataset's."""
     return read_document_strings(doc_ids_path(prefix), expected, "ids")
+
+
+def write_document_objects(path: str | os.PathLike, values: Iterable[dict]) -> int:
+    """Write one JSON object per line (atomically); returns how many."""
+    count = 0
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for value in values:
+            f.write(json.dumps(value, ensure_ascii=False, default=str) + "\n")
+            count += 1
+    return count

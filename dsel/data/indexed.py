@@ -124,8 +124,9 @@ class IndexedDataset:
         return np.searchsorted(self.document_indices, seq, side="right").astype(np.int64) - 1
 
     def check_tokens(self, vocab_size: int) -> None:
-        """Raise a DselError naming the .bin file if a token id is outside [0, vocab_size)."""
-        check_vocab(self.stream, vocab_size, self.bin_path)
+        """Raise a DselError naming the .bin file if a token id is outside [0, vocab_size) (the whole
+        file when the sequences are not back to back, e.g. an index over a corpus' tokens)."""
+        check_vocab(self.stream if self._native.contiguous else self.tokens, vocab_size, self.bin_path)
 
     def __getstate__(self):
         return {"prefix": self.prefix}

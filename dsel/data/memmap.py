@@ -1,4 +1,9 @@
-"""OLMo / dolma token files: headerless uint16 or uint32 arrays with EOS between documents."""
+"""OLMo / dolma token files: headerless uint16 or uint32 arrays with EOS between documents.
+
+A file that starts with NumPy's `.npy` magic is not headerless: its header is parsed (a 1-D,
+C-order uint16/uint32 array; its dtype wins over `memmap_dtype`) and the tokens start after it;
+any other .npy is refused, so a header is never read as tokens.
+"""
 from __future__ import annotations
 
 import os
@@ -15,8 +20,14 @@ from dsel.data.native import _C, native_errors
 MEMMAP_DTYPES = (np.dtype(np.uint16), np.dtype(np.uint32))
 
 
+NPY_MAGIC = b"\x93NUMPY"
+
+
 def _memmap_dtype(dtype) -> np.dtype:
-    dtype = np.dtype(dtype)
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        raise DselError(f"memmap_dtype={dtype!r}: not a NumPy dtype; headerless token files are uint16 or uint32") from None
     if dtype not in MEMMAP_DTYPES:
         raise DselError(f"headerless token files are uint16 or uint32, not {dtype}")
     return dtype
@@ -33,9 +44,15 @@ class MemmapTokens:
         self.path = str(path)
         self.dtype = _memmap_dtype(dtype)
         self.eos_id = eos_id
-        with native_errors():
-            self._native = _C.RawTokens(self.path, self.dtype.itemsize)
-        self.stream: np.ndarray = self._native.tokens()
+        self.header_bytes = 0
+        npy = npy_header(self.path)
+        if npy is not None:
+            self.dtype, self.header_bytes = npy
+            self.stream: np.ndarray = np.memmap(self.path, self.dtype, "r", offset=self.header_bytes)
+        else:
+            with native_errors():
+                self._native = _C.RawTokens(self.path, self.dtype.itemsize)
+            self.stream = self._native.tokens()
         if vocab_size is not None:
             self.check_tokens(vocab_size)
 
@@ -75,6 +92,31 @@ class MemmapTokens:
 
     def __repr__(self) -> str:
         return f"MemmapTokens({self.path!r}, {self.num_tokens} tokens, {self.dtype})"
+
+
+def npy_header(path: str) -> tuple[np.dtype, int] | None:
+    """(dtype, header bytes) of a `.npy` file holding a 1-D uint16/uint32 token array; None for a
+    headerless file (or none at all: the native reader names it); a DselError for any other .npy."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        if f.read(len(NPY_MAGIC)) != NPY_MAGIC:
+            return None
+        f.seek(0)
+        try:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+        except ValueError as e:
+            raise DselError(f"{path}: damaged .npy header ({e})") from None
+        offset = f.tell()
+    if len(shape) != 1 or fortran or dtype.newbyteorder("=") not in MEMMAP_DTYPES or dtype.byteorder == ">":
+        raise DselError(f"{path}: a .npy of {dtype} {shape}{' (Fortran order)' if fortran else ''}; token files are "
+                        "1-D little-endian uint16 or uint32")
+    if os.path.getsize(path) - offset != shape[0] * dtype.itemsize:
+        raise DselError(f"{path}: the .npy header promises {shape[0]} tokens but the file holds "
+                        f"{(os.path.getsize(path) - offset) // dtype.itemsize}")
+    return np.dtype(dtype.newbyteorder("=")), offset
 
 
 def write_memmap_tokens(path: str | os.PathLike, documents: Iterable, dtype=np.uint16) -> int:

@@ -1,296 +1,171 @@
-"""`dsel tokenize`: corpus files -> sentencepiece tokens -> Megatron indexed dataset.
+"""`dsel tokenize`: corpus files -> tokens -> one Megatron indexed dataset.
 
-Reads jsonl (optionally gzipped), parquet and plain text; trains a sentencepiece model (or loads
-one); encodes with several worker processes; appends EOD (the model's EOS id) to every document;
-writes `<output>.bin/.idx`, the document-id sidecar `<output>.docids.jsonl` and
-`<output>.meta.json` (vocabulary size, tokenizer path and sha256, dtype, EOD id).
+Reads what `dsel.data.readers` reads (jsonl/json/txt, optionally .gz/.zst, parquet, arrow, a
+save_to_disk folder; local paths or fsspec URLs); loads a tokenizer (sentencepiece or Hugging Face,
+see dsel.data.tokenizer) or trains a sentencepiece model;
+encodes in resumable shards over worker processes and torchrun ranks (`dsel.data.shards`);
+appends EOD (the model's EOS id) to every document; writes `<out>.bin/.idx`, the document-id
+sidecar `<out>.docids.jsonl` (the id field, else `<path relative to the input root>:<record>`),
+`<out>.domains.jsonl` with `domain_field`, `<out>.fields.jsonl` with `keep_fields`, and
+`<out>.meta.json` (the tokenizer's identity: kind, path, sha256, vocabulary size, EOD id; the dtype).
 """
 from __future__ import annotations
 
-import glob
-import gzip
-import hashlib
-import io
-import json
+import itertools
 import logging
-import multiprocessing
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import numpy as np
 
 from dsel.config import option
-from dsel.errors import DselError, file_error
-from dsel.io import atomic_path, progress, require_file
+from dsel.data.readers import input_files, read_documents
+from dsel.data.tokenizer import Tokenizer, file_sha256, load_tokenizer, train_tokenizer
+from dsel.errors import DselError
+from dsel.io import read_json, write_json
 
 log = logging.getLogger(__name__)
-
-JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
-PARQUET_SUFFIXES = (".parquet",)
-TEXT_SUFFIXES = (".txt", ".txt.gz")
-OWN_OUTPUT_SUFFIXES = (".docids.jsonl", ".meta.json")  # what `dsel tokenize` writes: never an input
 
 
 @dataclass
 class TokenizeConfig:
-    input: str = option(help="corpus: a .jsonl[.gz]/.parquet/.txt file, a directory of them, or a glob")
-    output: str = option(help="output prefix: writes <output>.bin/.idx/.docids.jsonl/.meta.json")
-    tokenizer: str = option("", "sentencepiece .model to load; empty: train one and save it as <output>.model")
+    input: str = option(help="corpus: a file, directory, glob or save_to_disk folder (jsonl/json/txt[.gz|.zst], parquet, "
+                             "arrow), local or an fsspec URL (file://, memory://, s3://, hf://)")
+    out: str = option(help="output prefix: writes <out>.bin/.idx/.docids.jsonl/.meta.json", aliases=("output",))
+    tokenizer: str = option("", "tokenizer to load: a sentencepiece .model, a Hugging Face tokenizer.json or a "
+                                "save_pretrained folder; empty: train a sentencepiece model, saved as <out>.model")
     vocab_size: int = option(8000, "vocabulary size when training the tokenizer (an upper bound on tiny corpora)")
     model_type: Literal["bpe", "unigram"] = option("bpe", "sentencepiece model type when training")
     train_docs: int = option(50000, "documents sampled from the start of the corpus to train the tokenizer")
     text_field: str = option("text", "jsonl/parquet field holding the document text")
-    id_field: str = option("", "jsonl/parquet field holding the document id; empty: <file>:<record number>")
+    id_field: str = option("", "field holding the document id; empty: <path relative to the input root>:<record number>")
+    domain_field: str = option("", "field naming each document's domain, written to <out>.domains.jsonl; empty: none")
+    keep_fields: list[str] = option([], "source fields passed through to <out>.fields.jsonl (one object per document)")
     text_unit: Literal["line", "file"] = option("line", "plain text: one document per non-empty line, or per file")
-    workers: int = option(2, "encoding worker processes")
-    chunk_docs: int = option(256, "documents per work item sent to a worker")
-
-
-class Tokenizer:
-    """A sentencepiece model: `encode(texts) -> list[list[int]]`, `vocab_size`, `eod_id` (its EOS)."""
-
-    def __init__(self, path: str | os.PathLike):
-        import sentencepiece as spm
-
-        self.path = str(require_file(path, "tokenizer model"))
-        try:
-            self._sp = spm.SentencePieceProcessor(model_file=self.path)
-        except (RuntimeError, OSError) as e:
-            raise file_error(self.path, f"not a sentencepiece model ({str(e).splitlines()[0]})") from None
-        self.vocab_size: int = self._sp.get_piece_size()
-        self.eod_id: int = self._sp.eos_id()
-        if self.eod_id < 0:
-            raise file_error(self.path, "the sentencepiece model has no EOS piece to use as end-of-document")
-
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        return self._sp.encode(list(texts))
-
-    def decode(self, ids) -> str:
-        return self._sp.decode([int(i) for i in ids])
-
-    @property
-    def sha256(self) -> str:
-        return file_sha256(self.path)
-
-
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Load a sentencepiece model (DselError naming the file if missing or not a model)."""
-    return Tokenizer(path)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-# ---- reading the corpus: (document id, text) pairs ----
-
-def input_files(pattern: str) -> list[Path]:
-    """The corpus files named by a file, a directory (searched recursively) or a glob."""
-    path = Path(pattern)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and _kind(p) is not None)
-    elif any(ch in pattern for ch in "*?["):
-        files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
-    else:
-        files = [require_file(path, "input file")]
-    if not files:
-        raise DselError(f"{pattern}: no input files found")
-    for f in files:
-        if _kind(f) is None:
-            raise file_error(f, "unknown input format (expected .jsonl, .jsonl.gz, .json, .parquet or .txt)")
-    return files
-
-
-def _kind(path: Path) -> str | None:
-    name = path.name.lower()
-    if name.endswith(OWN_OUTPUT_SUFFIXES):
-        return None
-    for kind, suffixes in (("jsonl", JSONL_SUFFIXES), ("parquet", PARQUET_SUFFIXES), ("text", TEXT_SUFFIXES)):
-        if name.endswith(suffixes):
-            return kind
-    return None
-
-
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.name.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-def read_jsonl(path: Path, text_field: str, id_field: str) -> Iterator[tuple[str, str]]:
-    with _open_text(path) as f:
-        for line_no, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise file_error(path, f"line {line_no + 1} is not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise file_error(path, f"line {line_no + 1} has no string field '{text_field}'")
-            yield _doc_id(record, id_field, path, line_no), record[text_field]
-
-
-def read_parquet(path: Path, text_field: str, id_field: str) -> Iterator[tuple[str, str]]:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises several types for a damaged file
-        raise file_error(path, f"not a readable parquet file ({e})") from None
-    columns = [text_field] + ([id_field] if id_field else [])
-    missing = [c for c in columns if c not in table.schema_arrow.names]
-    if missing:
-        raise file_error(path, f"no column(s) {', '.join(missing)} (has {', '.join(table.schema_arrow.names)})")
-    row = 0
-    for batch in table.iter_batches(columns=columns, batch_size=4096):
-        data = batch.to_pydict()
-        for k, text in enumerate(data[text_field]):
-            record = {id_field: data[id_field][k]} if id_field else {}
-            yield _doc_id(record, id_field, path, row), text or ""
-            row += 1
-
-
-def read_text(path: Path, unit: str) -> Iterator[tuple[str, str]]:
-    with _open_text(path) as f:
-        if unit == "file":
-            yield f"{path.name}:0", f.read()
-            return
-        for line_no, line in enumerate(f):
-            if line.strip():
-                yield f"{path.name}:{line_no}", line.rstrip("\n")
-
-
-def _doc_id(record: dict, id_field: str, path: Path, index: int) -> str:
-    if not id_field:
-        return f"{path.name}:{index}"
-    if record.get(id_field) is None:
-        raise file_error(path, f"record {index} has no id field '{id_field}'")
-    return str(record[id_field])
-
-
-def read_documents(files: list[Path], cfg: TokenizeConfig) -> Iterator[tuple[str, str]]:
-    """(id, text) of every non-empty document of every file, in order."""
-    for path in files:
-        kind = _kind(path)
-        if kind == "jsonl":
-            docs = read_jsonl(path, cfg.text_field, cfg.id_field)
-        elif kind == "parquet":
-            docs = read_parquet(path, cfg.text_field, cfg.id_field)
-        else:
-            docs = read_text(path, cfg.text_unit)
-        yield from ((doc_id, text) for doc_id, text in docs if text.strip())
+    workers: int = option(2, "encoding worker processes (per torchrun rank)")
+    chunk_docs: int = option(256, "documents encoded per tokenizer call")
+    shard_bytes: int = option(64 << 20, "input bytes per shard (the unit of parallel work and of resume; large "
+                                        "uncompressed jsonl/txt and parquet files are split)")
+    keep_shards: bool = option(False, "keep <out>.shards/ (per-shard datasets and completion markers) after the merge")
 
 
 # ---- training the tokenizer ----
 
-def train_tokenizer(files: list[Path], cfg: TokenizeConfig, model_path: str | os.PathLike) -> Tokenizer:
-    """Train a sentencepiece model on the first `train_docs` documents (lines as sentences)."""
-    import sentencepiece as spm
-
-    def sentences():
-        for k, (_, text) in enumerate(read_documents(files, cfg)):
-            if k >= cfg.train_docs:
-                return
-            yield from (line for line in text.split("\n") if line.strip())
-
-    model = io.BytesIO()
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=sentences(), model_writer=model, vocab_size=cfg.vocab_size, model_type=cfg.model_type,
-            hard_vocab_limit=False, character_coverage=1.0, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-            num_threads=max(1, cfg.workers), minloglevel=2,
-        )
-    except RuntimeError as e:
-        raise DselError(f"{cfg.input}: tokenizer training failed ({str(e).splitlines()[0]})") from None
-    with atomic_path(model_path) as tmp:
-        tmp.write_bytes(model.getvalue())
-    return Tokenizer(model_path)
+def train_corpus_tokenizer(files: list, cfg: TokenizeConfig, model_path: str | os.PathLike) -> Tokenizer:
+    """Train a sentencepiece model on the first `train_docs` documents of the corpus."""
+    texts = (text for _, text in itertools.islice(read_documents(files, cfg), cfg.train_docs))
+    return train_tokenizer(texts, model_path, cfg.vocab_size, cfg.model_type, cfg.workers, cfg.input)
 
 
-# ---- encoding with worker processes ----
-
-_worker_tokenizer: Tokenizer | None = None
-
-
-def _init_worker(model_path: str) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = Tokenizer(model_path)
-
-
-def _encode_chunk(chunk: tuple[list[str], list[str]]) -> tuple[list[str], list[np.ndarray]]:
-    """Worker: encode a chunk of documents, each followed by EOD."""
-    ids, texts = chunk
-    eod = _worker_tokenizer.eod_id
-    return ids, [np.array(tokens + [eod], dtype=np.int64) for tokens in _worker_tokenizer.encode(texts)]
-
-
-def _chunks(docs: Iterator[tuple[str, str]], size: int) -> Iterator[tuple[list[str], list[str]]]:
-    ids, texts = [], []
-    for doc_id, text in docs:
-        ids.append(doc_id)
-        texts.append(text)
-        if len(ids) == size:
-            yield ids, texts
-            ids, texts = [], []
-    if ids:
-        yield ids, texts
-
-
-def encoded_documents(files: list[Path], cfg: TokenizeConfig, model_path: str) -> Iterator[tuple[str, np.ndarray]]:
-    """(id, tokens + EOD) of every document, in corpus order, encoded by `cfg.workers` processes."""
-    chunks = _chunks(read_documents(files, cfg), cfg.chunk_docs)
-    if cfg.workers <= 1:
-        _init_worker(model_path)
-        results = map(_encode_chunk, chunks)
-        yield from ((i, t) for ids, tokens in results for i, t in zip(ids, tokens))
-        return
-    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    with context.Pool(cfg.workers, initializer=_init_worker, initargs=(model_path,)) as pool:
-        for ids, tokens in pool.imap(_encode_chunk, chunks):
-            yield from zip(ids, tokens)
-
+# ---- the command ----
 
 def tokenize_corpus(cfg: TokenizeConfig) -> dict:
-    """Run the whole command; returns the metadata written to `<output>.meta.json`."""
-    from dsel.data.docids import write_doc_ids
-    from dsel.data.indexed import IndexedDataset, IndexedDatasetWriter, best_dtype
+    """Run the whole command (this rank's shards; rank 0 merges); returns the metadata of `<out>.meta.json`."""
+    from dsel.data.indexed import IndexedDataset, best_dtype
     from dsel.data.meta import write_meta
+    from dsel.data.readers import settings_of
+    from dsel.data.shards import merge_shards, plan_shards, shards_dir
 
+    check_settings(cfg)
     files = input_files(cfg.input)
     if next(read_documents(files, cfg), None) is None:
         raise DselError(f"{cfg.input}: empty corpus (no non-empty documents)")
+    settings = settings_of(cfg)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    created = _join_ranks(world)
+    try:
+        tokenizer = _shared_tokenizer(files, cfg, rank, world)
+        dtype = np.dtype(best_dtype(tokenizer.vocab_size))
+        shards = plan_shards(files, cfg.shard_bytes, settings)
+        directory = shards_dir(cfg.out)
+        _encode_my_shards(shards, directory, tokenizer, dtype, cfg, settings, rank, world)
+        _barrier(world)
+        if rank != 0:
+            return {}
+        counts = merge_shards(directory, shards, cfg.out, settings)
+        dataset = IndexedDataset(cfg.out, vocab_size=tokenizer.vocab_size)  # re-read, check every token id
+        meta = {
+            **tokenizer.identity(),
+            "dtype": dtype.name,
+            "num_documents": counts["num_documents"],
+            "num_tokens": dataset.num_tokens,
+            "inputs": [f.url for f in files],
+            "text_field": cfg.text_field,
+            "id_field": cfg.id_field,
+            "domain_field": cfg.domain_field,
+            "keep_fields": list(cfg.keep_fields),
+            "shards": len(shards),
+        }
+        write_meta(cfg.out, meta)
+        if not cfg.keep_shards:
+            shutil.rmtree(directory, ignore_errors=True)
+        log.info("wrote %s: %d documents, %d tokens", cfg.out, meta["num_documents"], meta["num_tokens"])
+        return meta
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def check_settings(cfg: TokenizeConfig) -> None:
+    """One-line errors for settings that cannot work, before any file is read."""
+    for name in ("workers", "chunk_docs", "shard_bytes"):
+        if getattr(cfg, name) < 1:
+            raise DselError(f"{name}={getattr(cfg, name)}: must be >= 1")
+
+
+def _join_ranks(world: int) -> bool:
+    if world <= 1:
+        return False
+    from dsel.score.engine import join_torchrun
+
+    return join_torchrun("gloo")
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _shared_tokenizer(files, cfg: TokenizeConfig, rank: int, world: int) -> Tokenizer:
+    """The tokenizer given, else one trained on the corpus by rank 0 (a killed run's model is reused
+    when its shards recorded it, so finished shards stay valid)."""
+    from dsel.data.shards import shards_dir
+
     if cfg.tokenizer:
-        tokenizer = load_tokenizer(cfg.tokenizer)
-    else:
-        log.info("training a %s tokenizer (vocab_size %d) on %s", cfg.model_type, cfg.vocab_size, cfg.input)
-        tokenizer = train_tokenizer(files, cfg, f"{cfg.output}.model")
-    dtype = np.dtype(best_dtype(tokenizer.vocab_size))
-    doc_ids = []
-    with IndexedDatasetWriter(cfg.output, dtype) as writer:
-        for doc_id, tokens in progress(encoded_documents(files, cfg, tokenizer.path), desc="tokenize", unit="doc"):
-            writer.add_document(tokens)
-            doc_ids.append(doc_id)
-    dataset = IndexedDataset(cfg.output, vocab_size=tokenizer.vocab_size)  # re-read, check every token id
-    write_doc_ids(cfg.output, doc_ids)
-    meta = {
-        "vocab_size": tokenizer.vocab_size,
-        "tokenizer": str(Path(tokenizer.path).resolve()),
-        "tokenizer_sha256": tokenizer.sha256,
-        "dtype": dtype.name,
-        "eod_id": tokenizer.eod_id,
-        "num_documents": len(doc_ids),
-        "num_tokens": dataset.num_tokens,
-        "inputs": [str(f) for f in files],
-        "text_field": cfg.text_field,
-        "id_field": cfg.id_field,
-    }
-    write_meta(cfg.output, meta)
-    log.info("wrote %s: %d documents, %d tokens", cfg.output, len(doc_ids), meta["num_tokens"])
-    return meta
+        return load_tokenizer(cfg.tokenizer)
+    model_path = Path(f"{cfg.out}.model")
+    record = shards_dir(cfg.out) / "tokenizer.json"
+    if rank == 0:
+        reusable = model_path.is_file() and record.is_file() and read_json(record).get("sha256") == file_sha256(model_path)
+        if reusable:
+            log.info("resuming with the tokenizer %s trained by the interrupted run", model_path)
+        else:
+            log.info("training a %s tokenizer (vocab_size %d) on %s", cfg.model_type, cfg.vocab_size, cfg.input)
+            train_corpus_tokenizer(files, cfg, model_path)
+            write_json(record, {"sha256": file_sha256(model_path)})
+    _barrier(world)
+    return load_tokenizer(model_path)
+
+
+def _encode_my_shards(shards, directory: Path, tokenizer, dtype, cfg: TokenizeConfig, settings, rank: int, world: int) -> None:
+    """Encode this rank's unfinished shards; finished ones (matching markers) are kept as they are."""
+    from dsel.data.shards import Job, fingerprint, remove_stale, run_jobs, shard_done
+
+    mine = [s for s in shards if s.index % world == rank]
+    sha256 = tokenizer.sha256
+    prints = {s.index: fingerprint(s, sha256, settings) for s in mine}
+    done = {s.index for s in mine if shard_done(directory, s.index, prints[s.index])}
+    directory.mkdir(parents=True, exist_ok=True)
+    remove_stale(directory, lambda k: k in done or (k % world != rank and k < len(shards)))
+    jobs = [Job(s, prints[s.index], directory, tokenizer.path, dtype.name, settings, cfg.chunk_docs)
+            for s in mine if s.index not in done]
+    if done:
+        log.info("resuming: %d of %d shards already done", len(done), len(mine))
+    run_jobs(jobs, cfg.workers, sum(s.bytes for s in mine), sum(s.bytes for s in mine if s.index in done))

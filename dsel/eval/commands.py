@@ -1,7 +1,7 @@
 """`dsel eval loss` and `dsel eval lm-eval`: held-out losses per domain and lm-eval tasks of a checkpoint.
 
-    dsel eval loss checkpoint=runs/x/model 'data={science: data/valid/science, legal: data/valid/legal}' out=loss.json
-    dsel eval lm-eval checkpoint=runs/x/model tasks=[dsel_science_facts] out=lm_eval.json
+    dsel eval loss model=runs/x/model 'data={science: data/valid/science, legal: data/valid/legal}' out=loss.json
+    dsel eval lm-eval model=runs/x/model tasks=[dsel_science_facts] out=lm_eval.json
 
 For lm-eval's full command line use `python -m dsel.eval.lm_eval --model dsel --model_args checkpoint=DIR ...`.
 """
@@ -22,9 +22,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EvalLossConfig:
-    checkpoint: str = option(help="GPT checkpoint directory")
+    model: str = option(help="GPT checkpoint directory", aliases=("checkpoint",))
     data: dict[str, str] = option(help="validation sets, name: Megatron dataset prefix (e.g. one per domain)")
-    out: str = option("", "JSON file of the losses; '' = <checkpoint>/heldout_loss.json")
+    out: str = option("", "JSON file of the losses; '' = <model>/heldout_loss.json")
     window: int = option(0, "tokens per window; 0 = the model's seq_len + 1")
     batch_size: int = option(16, "windows per forward pass")
     max_batches: int = option(0, "evaluate at most this many batches per set (0 = every window)")
@@ -33,16 +33,16 @@ class EvalLossConfig:
 
 @dataclass
 class LmEvalConfig:
-    checkpoint: str = option(help="GPT checkpoint directory (its meta names the tokenizer)")
+    model: str = option(help="GPT checkpoint directory (its meta names the tokenizer)", aliases=("checkpoint",))
     tasks: list[str] = option(["dsel_science_facts"], "lm-eval task names")
-    tokenizer: str = option("", "sentencepiece model; '' = the one recorded in the checkpoint's meta")
+    tokenizer: str = option("", "tokenizer (sentencepiece .model, tokenizer.json or folder); '' = the checkpoint's")
     include_path: str = option("", "extra directory of task YAMLs (dsel's bundled tasks are always included)")
     builtin_tasks: bool = option(True, "also index lm-eval's built-in tasks (slower start; off for bundled tasks only)")
     num_fewshot: Optional[int] = option(None, "few-shot examples; None = the task's default")
     limit: Optional[float] = option(None, "evaluate only this many (or this fraction of) examples per task")
     batch_size: int = option(16, "requests per forward pass")
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
-    out: str = option("", "JSON file of the results; '' = <checkpoint>/lm_eval.json")
+    out: str = option("", "JSON file of the results; '' = <model>/lm_eval.json")
 
 
 def run_loss(cfg: EvalLossConfig) -> dict:
@@ -52,13 +52,13 @@ def run_loss(cfg: EvalLossConfig) -> dict:
     from dsel.models.checkpoint import load_model
 
     device = resolve_device(cfg.device)
-    model, _ = load_model(cfg.checkpoint, device)
+    model, meta = load_model(cfg.model, device)
     if not hasattr(model, "sequence_losses"):
-        raise DselError(f"{cfg.checkpoint}: holds a '{model.arch}' model, not a GPT language model")
+        raise DselError(f"{cfg.model}: holds a '{model.arch}' model, not a GPT language model")
     window = cfg.window or model.config.seq_len + 1
-    losses = heldout_losses(model, cfg.data, window, cfg.batch_size, cfg.max_batches, device)
-    out = cfg.out or str(Path(cfg.checkpoint) / "heldout_loss.json")
-    write_json(out, {"checkpoint": cfg.checkpoint, "window": window, "losses": losses})
+    losses = heldout_losses(model, cfg.data, window, cfg.batch_size, cfg.max_batches, device, cfg.model, meta)
+    out = cfg.out or str(Path(cfg.model) / "heldout_loss.json")
+    write_json(out, {"checkpoint": cfg.model, "window": window, "losses": losses})
     for name, row in losses.items():
         print(f"{name}: loss {row['loss']:.4f} over {row['windows']} windows")
     return losses
@@ -73,7 +73,7 @@ def run_lm_eval(cfg: LmEvalConfig) -> dict:
     from dsel.device import resolve_device
     from dsel.eval.lm_model import DselLM
 
-    model = DselLM(cfg.checkpoint, tokenizer=cfg.tokenizer or None, device=resolve_device(cfg.device),
+    model = DselLM(cfg.model, tokenizer=cfg.tokenizer or None, device=resolve_device(cfg.device),
                    batch_size=cfg.batch_size)
     paths = [str(TASKS_DIR)] + ([cfg.include_path] if cfg.include_path else [])
     manager = TaskManager(include_path=paths, include_defaults=cfg.builtin_tasks)
@@ -82,8 +82,8 @@ def run_lm_eval(cfg: LmEvalConfig) -> dict:
         raise DselError(f"unknown lm-eval task(s) {', '.join(unknown)}")
     results = lm_eval.simple_evaluate(model=model, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot,
                                       limit=cfg.limit, task_manager=manager, log_samples=False)
-    summary = {"checkpoint": cfg.checkpoint, "results": results["results"], "n_samples": results.get("n-samples", {})}
-    write_json(cfg.out or Path(cfg.checkpoint) / "lm_eval.json", summary)
+    summary = {"checkpoint": cfg.model, "results": results["results"], "n_samples": results.get("n-samples", {})}
+    write_json(cfg.out or Path(cfg.model) / "lm_eval.json", summary)
     for task, metrics in results["results"].items():
         print(task, {k: v for k, v in metrics.items() if isinstance(v, float)})
     return summary

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dsel.data.indexed import IndexedDataset
+from dsel.data.meta import check_same_tokenizer
 from dsel.data.windows import Windows
 from dsel.errors import file_error
 
@@ -32,8 +33,11 @@ def heldout_loss(model, windows: Windows, batch_size: int = 16, max_batches: int
 
 
 def heldout_losses(model, datasets: dict[str, str], window: int, batch_size: int = 16, max_batches: int = 0,
-                   device="cpu") -> dict[str, dict]:
-    """heldout_loss on every named validation dataset (name -> Megatron prefix)."""
+                   device="cpu", checkpoint: str = "model", meta: dict | None = None) -> dict[str, dict]:
+    """heldout_loss on every named validation dataset (name -> Megatron prefix), each checked to share the
+    tokenizer of the checkpoint's `meta` first."""
+    for prefix in datasets.values():
+        check_same_tokenizer(checkpoint, meta or {}, prefix)
     return {name: heldout_loss(model, validation_windows(prefix, window, model.config.vocab_size), batch_size,
                                max_batches, device)
             for name, prefix in datasets.items()}

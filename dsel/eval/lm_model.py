@@ -1,4 +1,4 @@
-"""lm-eval model `dsel`: a dsel GPT checkpoint plus its sentencepiece tokenizer.
+"""lm-eval model `dsel`: a dsel GPT checkpoint (or a transformers folder) plus its tokenizer (dsel.data.tokenizer).
 
 Importing this module registers the model with lm-eval (`@register_model("dsel")`); lm-eval has
 no plugin discovery, so `python -m dsel.eval.lm_eval` / `dsel eval lm-eval` import it first:
@@ -42,7 +42,8 @@ class DselLM(TemplateLM):
     def __init__(self, checkpoint: str, tokenizer: str | None = None, device: str = "cpu", batch_size: int | str = 16,
                  max_gen_toks: int = 64, **kwargs):
         super().__init__()
-        from dsel.data.tokenize import load_tokenizer
+        from dsel.data.meta import tokenizer_mismatch
+        from dsel.data.tokenizer import load_tokenizer
         from dsel.models.checkpoint import load_model
 
         device = pick_device(str(device))
@@ -54,8 +55,12 @@ class DselLM(TemplateLM):
             raise DselError(f"{checkpoint}: checkpoint records no tokenizer; pass --model_args tokenizer=PATH")
         self.model = model.eval()
         self.sp = load_tokenizer(tokenizer)
+        key = tokenizer_mismatch(meta, self.sp.identity())
+        if key:
+            raise DselError(f"{tokenizer}: not the tokenizer {checkpoint} was trained with ({key} "
+                            f"{self.sp.identity()[key]!r}, the checkpoint's {meta[key]!r})")
         if self.sp.vocab_size > model.config.vocab_size:
-            raise DselError(f"{tokenizer}: {self.sp.vocab_size} pieces do not fit the model's vocabulary of "
+            raise DselError(f"{tokenizer}: {self.sp.vocab_size} tokens do not fit the model's vocabulary of "
                             f"{model.config.vocab_size}")
         self._device = device
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16  # lm-eval may pass "auto"
@@ -114,22 +119,18 @@ class DselLM(TemplateLM):
 
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy continuation of each context until a stop string, EOD or max_gen_toks tokens."""
+        """Greedy continuation of each context until a stop string, EOD or max_gen_toks tokens (KV-cached decoding)."""
+        from dsel.models.generate import greedy_generate
+
         outputs = []
         for request in progress(requests, desc="generate_until", disable=disable_tqdm):
             context, gen_kwargs = request.args
             until = gen_kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
-            tokens = self.tok_encode(context) or [self.prefix_token_id]
-            generated: list[int] = []
-            for _ in range(int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))):
-                window = torch.tensor([(tokens + generated)[-self.max_length:]], device=self.device)
-                next_token = int(self.model(window)[0, -1].argmax())
-                if next_token == self.eot_token_id:
-                    break
-                generated.append(next_token)
-                if any(stop in self.tok_decode(generated) for stop in until):
-                    break
+            generated = greedy_generate(self.model, self.tok_encode(context) or [self.prefix_token_id],
+                                        int(gen_kwargs.get("max_gen_toks", self.max_gen_toks)),
+                                        stop=lambda ids: any(stop in self.tok_decode(ids) for stop in until),
+                                        eos_id=self.eot_token_id)
             text = self.tok_decode(generated)
             for stop in until:
                 text = text.split(stop)[0]

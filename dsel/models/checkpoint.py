@@ -1,4 +1,8 @@
-"""Model checkpoints: a directory with `model.pt`, `config.json` and `meta.json`.
+"""Model checkpoints: a directory with `model.safetensors`, `config.json` and `meta.json`.
+
+Checkpoints written before safetensors hold `model.pt` (a torch state dict) and still load. A
+transformers model folder of a supported architecture (dsel.models.hf: Llama, GPT-NeoX) is read
+wherever a checkpoint is, converted to a dsel GPT on load.
 
 `config.json` holds the architecture name and its GPTConfig, enough to rebuild the module;
 `meta.json` is free-form provenance (tokenizer, data, training settings) that later stages check
@@ -21,6 +25,9 @@ from dsel.errors import DselError, file_error
 from dsel.io import read_json
 from dsel.models.config import GPTConfig
 
+WEIGHTS = "model.safetensors"
+LEGACY_WEIGHTS = "model.pt"
+
 
 def architectures() -> dict[str, type]:
     """Architecture name -> module class."""
@@ -40,6 +47,8 @@ def build_model(arch: str, config: GPTConfig) -> nn.Module:
 
 def save_model(path: str | os.PathLike, model: nn.Module, meta: dict | None = None) -> Path:
     """Write `model` (its weights, architecture and config) and `meta` as a checkpoint directory."""
+    from safetensors.torch import save_file
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -47,7 +56,7 @@ def save_model(path: str | os.PathLike, model: nn.Module, meta: dict | None = No
     tmp.mkdir()
     try:
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        torch.save(state, tmp / "model.pt")
+        save_file(state, tmp / WEIGHTS)
         config = {"arch": model.arch, "model": dataclasses.asdict(model.config)}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "meta.json").write_text(json.dumps(meta or {}, indent=2, sort_keys=True, default=str) + "\n")
@@ -68,9 +77,13 @@ def _replace_dir(new: Path, path: Path) -> None:
 
 def read_model_config(path: str | os.PathLike) -> tuple[str, GPTConfig]:
     """(architecture, GPTConfig) of a checkpoint directory, without loading its weights."""
+    from dsel.models import hf
+
     path = Path(path)
     if not path.is_dir():
         raise file_error(path, "model checkpoint directory not found")
+    if hf.is_hf_folder(path):
+        return "gpt", hf.read_hf_config(path)[1]
     config = read_json(path / "config.json")
     if not isinstance(config, dict) or "arch" not in config or "model" not in config:
         raise file_error(path / "config.json", "is not a dsel model config (needs 'arch' and 'model')")
@@ -83,23 +96,44 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     arch, config = read_model_config(path)
     model = build_model(arch, config)
     load_weights(model, path)
-    meta = read_json(path / "meta.json") if (path / "meta.json").is_file() else {}
-    return model.to(device), meta
+    return model.to(device), read_model_meta(path)
+
+
+def read_model_meta(path: str | os.PathLike) -> dict:
+    """A checkpoint's meta (tokenizer identity, provenance); a transformers folder's from its tokenizer files."""
+    from dsel.models import hf
+
+    path = Path(path)
+    if hf.is_hf_folder(path):
+        return hf.hf_meta(path)
+    return read_json(path / "meta.json") if (path / "meta.json").is_file() else {}
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """Load a checkpoint's weights into `model`, refusing any name or shape mismatch."""
-    weights = Path(path) / "model.pt"
-    if not weights.is_file():
-        raise file_error(weights, "model weights not found")
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a corrupt file
-        raise file_error(weights, f"cannot be read as a torch state dict ({type(e).__name__})") from None
+    from dsel.models import hf
+
+    path = Path(path)
+    state = hf.load_hf_state(path) if hf.is_hf_folder(path) else read_weights(path)
     mismatch = check_state_dict(model, state)
     if mismatch:
         raise file_error(path, f"checkpoint from another architecture: {mismatch}")
     model.load_state_dict(state)
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict of a dsel checkpoint directory: model.safetensors, or model.pt of older checkpoints."""
+    from safetensors.torch import load_file
+
+    weights = path / WEIGHTS if (path / WEIGHTS).is_file() else path / LEGACY_WEIGHTS
+    if not weights.is_file():
+        raise file_error(path / WEIGHTS, "model weights not found")
+    try:
+        if weights.name == WEIGHTS:
+            return load_file(weights)
+        return torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:  # safetensors and torch raise many types for a corrupt file
+        raise file_error(weights, f"cannot be read as model weights ({type(e).__name__})") from None
 
 
 def check_state_dict(model: nn.Module, state: dict) -> str:

@@ -5,7 +5,7 @@ their weights map one to one.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Literal, Optional
 
 from dsel.config import option
@@ -96,3 +96,16 @@ def preset(name: str, **overrides) -> GPTConfig:
     if name not in PRESETS:
         raise DselError(f"unknown model preset '{name}'; choose one of {', '.join(PRESETS)}")
     return replace(PRESETS[name], **overrides)
+
+
+# The settings of the original dsel GPT. Code that re-implements the forward elsewhere (the transformers
+# export, the KV-cached decoder) reproduces exactly these and refuses or falls back on any other.
+CORE_FIELDS = frozenset({"vocab_size", "seq_len", "n_layer", "n_head", "n_query_groups", "d_model", "ffn_hidden",
+                         "activation", "norm", "norm_eps", "bias", "tie_embeddings", "rope_base", "init_std"})
+
+
+def settings_beyond_core(config: GPTConfig) -> list[str]:
+    """Fields outside CORE_FIELDS that `config` sets to something other than their default."""
+    defaults = GPTConfig()
+    return [f.name for f in fields(GPTConfig)
+            if f.name not in CORE_FIELDS and getattr(config, f.name) != getattr(defaults, f.name)]

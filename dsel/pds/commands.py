@@ -21,6 +21,8 @@ import numpy as np
 
 from dsel.cli import Command
 from dsel.config import option, to_dict
+from dsel.data.meta import check_same_tokenizer
+from dsel.data.windows import corpus_prefix
 from dsel.errors import file_error
 from dsel.io import atomic_path, read_json, write_json
 from dsel.pds.fit import FitConfig
@@ -84,8 +86,8 @@ def run_solve(cfg: SolveConfig) -> Path:
         raise file_error(cfg.model, f"holds a '{model.arch}' model; the PMP solver needs a GPT proxy LM")
     model = model.to(getattr(torch, cfg.dtype))
     window = cfg.window or model.config.seq_len + 1
-    proxy = load_tokens(cfg.proxy, window, cfg.num_proxy, cfg.memmap_dtype, model.config.vocab_size, cfg.model)
-    target = load_tokens(cfg.target, window, cfg.num_target, cfg.memmap_dtype, model.config.vocab_size, cfg.model)
+    proxy = load_tokens(cfg.proxy, window, cfg.num_proxy, cfg.memmap_dtype, model.config.vocab_size, cfg.model, meta)
+    target = load_tokens(cfg.target, window, cfg.num_target, cfg.memmap_dtype, model.config.vocab_size, cfg.model, meta)
     out = Path(cfg.out)
     fingerprint = _fingerprint(cfg, len(proxy), len(target), window)
     gamma, start_epoch = _resume_state(out, fingerprint, len(proxy)) if cfg.resume else (None, 0)
@@ -110,9 +112,11 @@ def run_solve(cfg: SolveConfig) -> Path:
     return out / "gamma.npy"
 
 
-def load_tokens(path: str, window: int, limit: int, memmap_dtype: str, vocab_size: int, model_path: str) -> np.ndarray:
-    """The first `limit` (0 = all) windows of a dataset as an array [N, window], vocabulary-checked."""
+def load_tokens(path: str, window: int, limit: int, memmap_dtype: str, vocab_size: int, model_path: str,
+                model_meta: dict | None = None) -> np.ndarray:
+    """The first `limit` (0 = all) windows of a dataset as an array [N, window], tokenizer- and vocabulary-checked."""
     windows = open_windows(path, window, memmap_dtype)
+    check_same_tokenizer(model_path, model_meta or {}, corpus_prefix(windows.source))
     count = len(windows) if limit <= 0 else min(limit, len(windows))
     tokens = windows.batch(np.arange(count))
     check_vocab(tokens, vocab_size, path, model_path)
@@ -169,6 +173,7 @@ def run_fit_scorer(cfg: FitScorerConfig) -> dict:
     if len(windows) < len(gamma):
         raise file_error(proxy, f"has {len(windows)} windows of {info['window']} tokens but "
                                 f"{cfg.gamma}/gamma.npy has {len(gamma)} weights")
+    check_same_tokenizer(init, meta, corpus_prefix(windows.source))
     tokens = windows.batch(np.arange(len(gamma)))
     check_vocab(tokens, gpt.config.vocab_size, proxy, init)
     scorer = Scorer.from_gpt(gpt).float()
@@ -200,17 +205,18 @@ def run_score(cfg: ScoreConfig) -> Path:
     """Score every window of a corpus with the fitted scorer (this rank's shards under torchrun; rank 0 merges)."""
     import torch.distributed as dist
 
-    from dsel.models.checkpoint import read_model_config
+    from dsel.models.checkpoint import read_model_config, read_model_meta
     from dsel.pds.scorer import load_pds_scorer
     from dsel.score.commands import start_distributed
     from dsel.score.engine import score_windows
 
     read_model_config(cfg.model)
-    meta = read_json(Path(cfg.model) / "meta.json")
+    meta = read_model_meta(cfg.model)
     window = cfg.window or int(meta.get("window", 0))
     if window <= 0:
         raise file_error(cfg.model, "records no window size; set window=")
     windows = open_windows(cfg.corpus, window, cfg.memmap_dtype)
+    check_same_tokenizer(cfg.model, meta, corpus_prefix(windows.source))
     device, created = start_distributed(cfg.device)
     try:
         scorer = load_pds_scorer(cfg.model, device)

@@ -16,10 +16,12 @@ class PDSScorer:
 
     columns = ["pds"]
 
-    def __init__(self, model: nn.Module, device: str | torch.device = "cpu", name: str = "scorer"):
+    def __init__(self, model: nn.Module, device: str | torch.device = "cpu", name: str = "scorer",
+                 meta: dict | None = None):
         self.model = model.to(device).eval()
         self.device = torch.device(device)
         self.name = name
+        self.checkpoints = [(name, meta or {})]  # (checkpoint, meta): `dsel score` checks the corpus tokenizer
         self.vocab_size = model.config.vocab_size
 
     @torch.no_grad()
@@ -36,10 +38,10 @@ def load_pds_scorer(path: str, device: str | torch.device = "cpu") -> PDSScorer:
     from dsel.models.checkpoint import load_model
     from dsel.models.scorer import Scorer
 
-    model, _ = load_model(path, device)
+    model, meta = load_model(path, device)
     if not isinstance(model, Scorer):
         raise DselError(f"{path}: holds a '{model.arch}' model, not a PDS scorer (run `dsel pds fit-scorer`)")
-    return PDSScorer(model, device, name=str(path))
+    return PDSScorer(model, device, name=str(path), meta=meta)
 
 
 def build_scorer(cfg: dict, device: torch.device) -> PDSScorer:

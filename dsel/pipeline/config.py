@@ -28,7 +28,9 @@ class DataConfig:
     target: str = option("bundled", "target documents the selection aims at; 'bundled' = held-out science documents")
     valid: dict[str, str] = option({}, "held-out validation sets, name: file; {} with a bundled pool = one per domain")
     target_valid: str = option("science", "the validation set that measures the target (report's headline loss)")
-    vocab_size: int = option(2048, "sentencepiece vocabulary trained on the pool")
+    tokenizer: str = option("", "tokenizer of every set (sentencepiece .model, Hugging Face tokenizer.json or "
+                                "folder); '' = train a sentencepiece model on the pool")
+    vocab_size: int = option(2048, "sentencepiece vocabulary trained on the pool (when no tokenizer is given)")
     text_field: str = option("text", "jsonl/parquet field of the document text")
     id_field: str = option("id", "jsonl/parquet field of the document id ('' = <file>:<record>)")
     domain_field: str = option("domain", "jsonl field naming each document's domain ('' = none): per-domain shares")

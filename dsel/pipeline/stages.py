@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from dsel.errors import DselError
 from dsel.io import read_json, write_json
 from dsel.pipeline.config import BUNDLED, UNTIL_ORDER, PipelineConfig
 from dsel.pipeline.runner import StageRunner
+from dsel.train.config import padded_vocab_size
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ class Pipeline:
         save_config(self.cfg, self.runner.run_dir / "config.yaml")
         self.tokenize()
         meta = read_json(self.data / "pool.meta.json")
-        vocab_size = 128 * math.ceil(meta["vocab_size"] / 128)
+        vocab_size = padded_vocab_size(meta["vocab_size"])
         settings = self.stage_settings(vocab_size)
         prior = self.train("prior", settings["prior"][1], after=["tokenize"])
         window = read_json(prior / "config.json")["model"]["seq_len"] + 1
@@ -262,12 +262,12 @@ class Pipeline:
         data = self.cfg.data
         common = {"text_field": data.text_field, "id_field": data.id_field, "workers": data.workers}
         pool = resolve_input(data.pool, "pool.jsonl.gz")
-        meta = tokenize_corpus(TokenizeConfig(input=pool, output=str(out / "pool"), vocab_size=data.vocab_size, **common))
-        write_domains(out / "pool", pool, data)
+        meta = tokenize_corpus(TokenizeConfig(input=pool, out=str(out / "pool"), vocab_size=data.vocab_size,
+                                              tokenizer=data.tokenizer, domain_field=data.domain_field, **common))
         inputs = {"target": resolve_input(data.target, "target.jsonl.gz"), **validation_inputs(data)}
         for name, path in inputs.items():
             prefix = out / name if name == "target" else out / "valid" / name
-            tokenize_corpus(TokenizeConfig(input=path, output=str(prefix), tokenizer=meta["tokenizer"], **common))
+            tokenize_corpus(TokenizeConfig(input=path, out=str(prefix), tokenizer=meta["tokenizer"], **common))
 
     def train(self, name: str, settings: dict, after: list[str]) -> Path:
         """A `dsel train` run as a stage; returns its checkpoint directory."""
@@ -355,11 +355,11 @@ class Pipeline:
 
         checkpoint = str(self.runner.path(f"pretrain/{arm}") / "model")
         sets = {name: str(self.data / "valid" / name) for name in validation_inputs(self.cfg.data)}
-        run_loss(EvalLossConfig(checkpoint=checkpoint, data=sets, out=str(out / "heldout_loss.json"),
+        run_loss(EvalLossConfig(model=checkpoint, data=sets, out=str(out / "heldout_loss.json"),
                                 batch_size=self.cfg.eval.batch_size, max_batches=self.cfg.eval.max_batches,
                                 device=self.cfg.device))
         if self.cfg.eval.lm_eval_tasks:
-            run_lm_eval(LmEvalConfig(checkpoint=checkpoint, tasks=list(self.cfg.eval.lm_eval_tasks),
+            run_lm_eval(LmEvalConfig(model=checkpoint, tasks=list(self.cfg.eval.lm_eval_tasks),
                                      builtin_tasks=self.cfg.eval.builtin_tasks, device=self.cfg.device,
                                      batch_size=self.cfg.eval.batch_size, out=str(out / "lm_eval.json")))
 
@@ -412,20 +412,3 @@ def validation_inputs(data) -> dict[str, str]:
         raise DselError(f"run config: data.target_valid={data.target_valid!r} is not one of data.valid "
                         f"({', '.join(sets)})")
     return sets
-
-
-def write_domains(prefix: Path, source: str, data) -> None:
-    """`<prefix>.domains.jsonl`: the domain of every tokenized document (joined by document id)."""
-    from dsel.data.docids import domains_path, read_doc_ids, write_document_strings
-    from dsel.data.tokenize import JSONL_SUFFIXES, input_files, read_jsonl
-
-    files = input_files(source)
-    if not data.domain_field or not data.id_field or not all(f.name.endswith(JSONL_SUFFIXES) for f in files):
-        log.info("no per-document domains (needs jsonl input with id and domain fields)")
-        return
-    domains = {doc_id: domain for path in files for doc_id, domain in read_jsonl(path, data.domain_field, data.id_field)}
-    ids = read_doc_ids(str(prefix))
-    missing = [i for i in ids if i not in domains]
-    if missing:
-        raise DselError(f"{source}: document {missing[0]} has no '{data.domain_field}' field")
-    write_document_strings(domains_path(prefix), (domains[i] for i in ids))

@@ -64,6 +64,15 @@ def open_windows(path: str, window: int, memmap_dtype: str):
                     "or a headerless .bin/.npy token file)")
 
 
+def check_scorer_tokenizer(scorer, windows) -> None:
+    """Refuse a corpus tokenized with another tokenizer than any of the scorer's checkpoints (`scorer.checkpoints`)."""
+    from dsel.data.meta import check_same_tokenizer
+    from dsel.data.windows import corpus_prefix
+
+    for checkpoint, meta in getattr(scorer, "checkpoints", ()):
+        check_same_tokenizer(checkpoint, meta, corpus_prefix(windows.source))
+
+
 def start_distributed(device: str):
     """(device, whether this call created the process group): under torchrun, joins its group and
     picks cuda:LOCAL_RANK for device auto/cuda when GPUs exist."""
@@ -95,6 +104,7 @@ def run_score(cfg: ScoreCommandConfig) -> Path:
     device, created = start_distributed(cfg.device)
     try:
         scorer = build_scorer(cfg.scorer, cfg.settings, device)
+        check_scorer_tokenizer(scorer, windows)
         meta = {"scorer": cfg.scorer, "settings": cfg.settings, "corpus": cfg.corpus, "window": cfg.window}
         table = score_windows(windows, scorer, cfg.out, cfg.batch_size, shard_size=cfg.shard_size, device=device,
                               meta=meta)

@@ -4,15 +4,16 @@
     dsel select scores=runs/color/scores corpus=data/corpus method=color column=color tau=16
     dsel select scores=runs/color/scores corpus=data/corpus method=topk column=-loss_cond token_budget=1000000000
 
-Writes into `out/`: `indices.npy` (sorted window ids, int64), `histogram.png` (the selection key
-with the threshold line), `data/part-XXXXX` shards and their merge `data/selected` (Megatron
-.bin/.idx, one window per document), and last `selection.json` (settings, threshold, counts,
-tokens, per-domain shares). Every file is written under a temporary name and renamed.
+Writes into `out/`: `indices.npy` (sorted window ids, int64), `kept.parquet` (per kept window: id,
+document, source document id, domain, tokens, scores, text), `histogram.png` (the selection key
+with the threshold line), `data/selected` (Megatron .bin/.idx, one window per document: a copy, or
+with format=index only the index over the corpus' tokens) with `data/selected.docids.jsonl` beside
+it, and last `selection.json` (settings, threshold, counts, tokens, per-domain shares). Every file
+is written under a temporary name and renamed.
 """
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,10 +49,14 @@ class SelectConfig:
     seed: int = option(0, "seed of the Gumbel noise, random selection and color-batch draws")
     window: int = option(0, "tokens per window; 0 = the window recorded in scores.json")
     memmap_dtype: str = option("uint16", "token dtype of a headerless corpus file")
-    shards: int = option(4, "output shards (data/part-XXXXX) written before the merge into data/selected")
-    workers: int = option(0, "processes writing shards in parallel; 0 = min(shards, CPU count)")
-    materialise: bool = option(True, "write the selected windows as Megatron datasets (needs corpus)")
+    materialise: bool = option(True, "write the selected windows as the Megatron dataset data/selected (needs corpus)")
+    format: Literal["megatron", "index"] = option(
+        "megatron", "megatron: copy the kept windows into data/selected; index: write only its .idx over the corpus' tokens")
+    kept_text: bool = option(True, "kept.parquet: add each window's text (decoded with the corpus tokenizer, when at hand)")
     chunk_rows: int = option(1 << 20, "score rows read at a time (memory bound of the streaming passes)")
+
+    REMOVED_OPTIONS = {"shards": "the selection is written once, straight into data/selected",
+                       "workers": "the selection is written once, straight into data/selected"}
 
 
 def check_settings(cfg: SelectConfig) -> None:
@@ -75,9 +80,7 @@ def check_settings(cfg: SelectConfig) -> None:
         raise DselError("method=color-batch keeps n of each tau*n draw; it takes no token_budget (use method=color)")
     if cfg.temperature < 0:
         raise DselError(f"temperature={cfg.temperature}: must be >= 0")
-    if cfg.workers < 0:
-        raise DselError(f"workers={cfg.workers}: must be >= 0")
-    for name in ("shards", "chunk_rows", "color_batch"):
+    for name in ("chunk_rows", "color_batch"):
         if getattr(cfg, name) < 1:
             raise DselError(f"{name}={getattr(cfg, name)}: must be >= 1")
 
@@ -108,9 +111,9 @@ def corpus_and_window(cfg: SelectConfig) -> tuple[str, int]:
 
 
 def run_select(cfg: SelectConfig) -> Path:
-    """Select, then write indices.npy, histogram.png, the data shards + merge, selection.json."""
+    """Select, then write indices.npy, kept.parquet, histogram.png, data/selected, selection.json."""
     from dsel.score.commands import open_windows
-    from dsel.select.materialise import materialise
+    from dsel.select.materialise import materialise, write_kept
     from dsel.select.methods import select
     from dsel.select.source import check_pool, open_scores
 
@@ -131,13 +134,15 @@ def run_select(cfg: SelectConfig) -> Path:
     (out / "selection.json").unlink(missing_ok=True)  # written last: present only with the outputs it describes
     with atomic_path(out / "indices.npy") as tmp, open(tmp, "wb") as f:
         np.save(f, selection.indices)
+    write_kept(out / "kept.parquet", source, selection.indices, windows, cfg.chunk_rows, cfg.kept_text)
     histogram = write_histogram(out / "histogram.png", selection, plan)
     data = {}
     if cfg.materialise:
-        parts, merged = materialise(windows, selection.indices, out / "data", cfg.shards, cfg.workers or os.cpu_count() or 1)
-        data = {"shards": [str(p) for p in parts], "selected": merged.prefix}
+        selected = materialise(windows, selection.indices, out / "data", cfg.format)
+        data = {"selected": selected.prefix, "format": cfg.format}
     summary = describe_selection(plan, selection, source, corpus, window, time.time() - start)
-    summary["outputs"] = {"indices": str(out / "indices.npy"), "histogram": histogram, "data": data}
+    summary["outputs"] = {"indices": str(out / "indices.npy"), "kept": str(out / "kept.parquet"),
+                          "histogram": histogram, "data": data}
     write_json(out / "selection.json", summary)
     log.info("kept %d of %d windows (%d tokens), threshold %s -> %s",
              len(selection.indices), selection.pool, selection.tokens, selection.threshold, out)

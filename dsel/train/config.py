@@ -20,6 +20,14 @@ from dsel.models.config import GPTConfig, preset as preset_config
 from dsel.train.schedule import Schedule
 
 
+VOCAB_MULTIPLE = 128  # Megatron's make_vocab_size_divisible_by
+
+
+def padded_vocab_size(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    """`vocab_size` rounded up to a multiple of `multiple` (GPU-friendly matmul shapes, as Megatron pads)."""
+    return -(-vocab_size // multiple) * multiple
+
+
 @dataclass
 class ParallelConfig:
     """Model/data parallelism of the megatron backend (data parallel size = world size / (tp * pp))."""
@@ -38,8 +46,10 @@ class TrainConfig:
     data_weights: Optional[list[float]] = option(None, "blend weights of several data prefixes; None = by token count")
     valid: Optional[str] = option(None, "Megatron dataset prefix of held-out data for valid_loss")
     preset: Optional[str] = option(None, "model preset (dsel.models.config.PRESETS); None = init's architecture, else 'tiny'")
-    model: dict[str, Any] = option({}, "GPTConfig fields overriding the preset, e.g. {n_layer: 4, seq_len: 256}")
-    init: Optional[str] = option(None, "checkpoint directory to start from (fine-tuning); None = random init")
+    model: dict[str, Any] = option({}, "GPTConfig fields overriding the preset, e.g. {n_layer: 4, seq_len: 256}; "
+                                       "vocab_size defaults to the data's tokenizer vocabulary padded to a multiple of 128")
+    init: Optional[str] = option(None, "checkpoint to start from (fine-tuning): a dsel checkpoint or a transformers "
+                                       "model folder (Llama, GPT-NeoX); None = random init")
     optimizer: Literal["adamw", "sgd"] = option("adamw", "adamw, or plain sgd (no momentum)")
     lr: float = option(3e-4, "peak learning rate")
     min_lr: float = option(3e-5, "learning rate of the last step (end of the cosine decay)")
@@ -97,8 +107,12 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise DselError(f"train config: '{name}' must be >= 0, got {getattr(self, name)}")
 
-    def model_config(self, init_config: GPTConfig | None = None) -> GPTConfig:
-        """The GPTConfig to train: preset (or the init checkpoint's config) with `model` overrides."""
+    def model_config(self, init_config: GPTConfig | None = None, data_vocab: int | None = None) -> GPTConfig:
+        """The GPTConfig to train: preset (or the init checkpoint's config) with `model` overrides.
+
+        Without init and without an explicit `model.vocab_size`, the vocabulary is the data's
+        tokenizer vocabulary `data_vocab` padded to a multiple of 128, as Megatron pads it.
+        """
         if self.preset is not None:
             base = preset_config(self.preset)
         else:
@@ -108,6 +122,8 @@ class TrainConfig:
         if unknown:
             raise DselError(f"train config: unknown model setting '{unknown[0]}'; GPTConfig has {', '.join(sorted(names))}")
         merged = {**dataclasses.asdict(base), **self.model}
+        if data_vocab and init_config is None and "vocab_size" not in self.model:
+            merged["vocab_size"] = padded_vocab_size(data_vocab)
         return from_dict(GPTConfig, merged, "train config: model").validate("train config: model")
 
     def num_steps(self, seq_len: int) -> int:

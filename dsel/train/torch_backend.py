@@ -9,8 +9,8 @@ command continues from it and produces the same losses and weights, bit for bit,
 was never interrupted (the log is cut back to the checkpoint's step first).
 
 Output directory:
-    model/        dsel checkpoint of the latest model; meta.json carries the data's tokenizer,
-                  tokenizer_sha256 and vocab_size (from <prefix>.meta.json) and the training run
+    model/        dsel checkpoint of the latest model; meta.json carries the data's tokenizer identity
+                  (from <prefix>.meta.json: path, kind, sha256, vocab_size, eod_id) and the training run
     state/state.pt  everything needed to resume
     log.jsonl     one row per step {step, loss, lr, tokens, grad_norm}; eval rows {step, valid_loss}
     config.yaml   the settings of the run
@@ -32,10 +32,10 @@ from dsel.device import autocast_for, resolve_device
 from dsel.train.schedule import lr_at
 from dsel.data.indexed import IndexedDataset
 from dsel.data.loader import GPTSampleLoader, WindowSampleLoader, WindowStream, prefetched
-from dsel.data.meta import meta_path, read_meta
+from dsel.data.meta import check_same_tokenizer, meta_path, read_meta, tokenizer_identity
 from dsel.data.windows import Windows
 from dsel.errors import file_error
-from dsel.io import atomic_path, progress, read_json
+from dsel.io import atomic_path, progress
 from dsel.models.config import GPTConfig
 from dsel.train.config import TrainConfig
 
@@ -130,17 +130,16 @@ def training_samples(cfg: TrainConfig, seq_len: int, vocab_size: int, num_sample
 
 
 def data_meta(prefixes: Sequence[str], model_vocab: int | None = None) -> dict:
-    """tokenizer, tokenizer_sha256 and vocab_size of the data (from <prefix>.meta.json), checked to agree."""
+    """The data's tokenizer identity (from <prefix>.meta.json: path, kind, sha256, vocab_size, eod_id), checked to agree."""
     found: dict = {}
     for prefix in prefixes:
         path = meta_path(prefix)
         if not Path(path).is_file():
             log.warning("%s not found: the checkpoint will not record the tokenizer", path)
             continue
-        recorded = read_meta(prefix)
-        meta = {k: recorded[k] for k in ("tokenizer", "tokenizer_sha256", "vocab_size")}
-        if found and meta["tokenizer_sha256"] != found["tokenizer_sha256"]:
-            raise file_error(path, f"tokenizer differs from the one of {prefixes[0]}")
+        if found:
+            check_same_tokenizer(prefixes[0], found, prefix, role="training data")
+        meta = tokenizer_identity(read_meta(prefix))
         if model_vocab is not None and meta["vocab_size"] > model_vocab:
             raise file_error(path, f"tokenizer vocabulary {meta['vocab_size']} exceeds the model's vocab_size "
                                    f"{model_vocab}; set model.vocab_size (or a preset) to at least that")
@@ -148,13 +147,10 @@ def data_meta(prefixes: Sequence[str], model_vocab: int | None = None) -> dict:
     return found
 
 
-def check_init_tokenizer(init: str, data: dict) -> None:
-    """Refuse fine-tuning a checkpoint on data tokenized with another tokenizer (when both record one)."""
-    meta_file = Path(init) / "meta.json"
-    have = read_json(meta_file).get("tokenizer_sha256") if meta_file.is_file() else None
-    want = data.get("tokenizer_sha256")
-    if have and want and have != want:
-        raise file_error(init, f"model was trained with tokenizer {have[:12]}..., the data uses {want[:12]}...")
+def data_vocab_size(prefixes: Sequence[str]) -> int | None:
+    """The largest tokenizer vocabulary recorded by the data's meta files (None when none records one)."""
+    sizes = [read_meta(p)["vocab_size"] for p in prefixes if Path(meta_path(p)).is_file()]
+    return max(sizes) if sizes else None
 
 
 def load_sample_weights(path: str, num_samples: int) -> SampleWeights:
@@ -189,8 +185,13 @@ def run_inputs(cfg: TrainConfig, config: GPTConfig, sample_weights: SampleWeight
     valid = Windows(open_dataset(cfg.valid, config.vocab_size), config.seq_len + 1) if cfg.valid is not None else None
     weights_of = sample_weights or (load_sample_weights(cfg.weights, num_samples) if cfg.weights else None)
     meta = {**data_meta(cfg.data, config.vocab_size), "data": list(cfg.data), "init": cfg.init, "train": to_dict(cfg)}
+    if cfg.valid is not None:
+        check_same_tokenizer(cfg.data[0], meta, cfg.valid, role="training data")
     if cfg.init is not None:
-        check_init_tokenizer(cfg.init, meta)
+        from dsel.models.checkpoint import read_model_meta
+
+        for prefix in cfg.data:
+            check_same_tokenizer(cfg.init, read_model_meta(cfg.init), prefix)
     return RunInputs(steps, samples, valid, weights_of, meta)
 
 
@@ -209,7 +210,7 @@ def build_model(cfg: TrainConfig, load_init: bool = True) -> torch.nn.Module:
         if arch != GPT.arch:
             raise file_error(cfg.init, f"init checkpoint is a '{arch}' model, training needs a '{GPT.arch}' model")
     torch.manual_seed(cfg.seed)
-    model = GPT(cfg.model_config(init_config))
+    model = GPT(cfg.model_config(init_config, data_vocab_size(cfg.data)))
     if cfg.init is not None and load_init:
         load_weights(model, cfg.init)
     return model
