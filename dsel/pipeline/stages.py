@@ -216,13 +216,14 @@ class Pipeline:
 
     def dsir(self, window: int) -> Path:
         """DSIR keys of every pool window from the data-selection package (raw pool and target text)."""
-        from dsel.data.tokenize import input_files
+        from dsel.data.readers import input_files
         from dsel.select.dsir import write_dsir_scores
 
         data = self.cfg.data
-        pool_files = [str(f) for f in input_files(resolve_input(data.pool, "pool.jsonl.gz"))]
-        target_files = [str(f) for f in input_files(resolve_input(data.target, "target.jsonl.gz"))]
-        settings = {"pool": pool_files, "target": target_files, "window": window, "seed": self.cfg.seed,
+        pool_files = input_files(resolve_input(data.pool, "pool.jsonl.gz"))  # as the tokenize stage read them
+        target_files = input_files(resolve_input(data.target, "target.jsonl.gz"))
+        settings = {"pool": [f.url for f in pool_files], "target": [f.url for f in target_files], "window": window,
+                    "seed": self.cfg.seed,
                     "text_field": data.text_field, "id_field": data.id_field}
         out = self.runner.run("dsir/score", settings, ["tokenize"], lambda out: write_dsir_scores(
             str(self.data / "pool"), pool_files, target_files, window, out, self.cfg.seed, data.text_field,

@@ -24,28 +24,37 @@ log = logging.getLogger(__name__)
 DSIR_STREAM = 4  # noise stream of the per-document Gumbel keys (dsel.select.noise streams 1-3 are taken)
 
 
-def document_reader(text_field: str, id_field: str):
-    """(load(path) -> {"id", "text"} dicts, the same documents and ids `dsel tokenize` reads)."""
-    from dsel.data.tokenize import read_documents
+def corpus_files(files: Sequence) -> list:
+    """InputFiles (dsel.data.readers) of the given files; paths are read as files of their own."""
+    from dsel.data.readers import input_files
+
+    return [f if hasattr(f, "url") else input_files(str(f))[0] for f in files]
+
+
+def document_reader(files: Sequence, text_field: str, id_field: str):
+    """load(url) -> {"id", "text"} dicts: the same documents and ids `dsel tokenize` read from those files."""
+    from dsel.data.readers import read_documents
 
     fields = SimpleNamespace(text_field=text_field, id_field=id_field, text_unit="line")
+    by_url = {f.url: f for f in files}
 
-    def load(path: str):
-        for doc_id, text in read_documents([Path(path)], fields):
+    def load(url: str):
+        for doc_id, text in read_documents([by_url[url]], fields):
             yield {"id": doc_id, "text": text}
 
     return load
 
 
-def log_importance_weights(pool_files: Sequence[str], target_files: Sequence[str], cache_dir: str | Path,
+def log_importance_weights(pool_files: Sequence, target_files: Sequence, cache_dir: str | Path,
                            text_field: str = "text", id_field: str = "", ngrams: int = 2,
                            num_buckets: int = 10000, num_proc: int = 1) -> dict[str, float]:
-    """doc id -> the package's log importance weight of every pool document."""
+    """doc id -> the package's log importance weight of every pool document (files: InputFiles or paths)."""
     from data_selection import HashedNgramDSIR
     from joblib import parallel_config
 
-    load = document_reader(text_field, id_field)
-    dsir = HashedNgramDSIR(raw_datasets=list(map(str, pool_files)), target_datasets=list(map(str, target_files)),
+    pool_files, target_files = corpus_files(pool_files), corpus_files(target_files)
+    load = document_reader(pool_files + target_files, text_field, id_field)
+    dsir = HashedNgramDSIR(raw_datasets=[f.url for f in pool_files], target_datasets=[f.url for f in target_files],
                            cache_dir=str(cache_dir), raw_load_dataset_fn=load, target_load_dataset_fn=load,
                            num_proc=num_proc, ngrams=ngrams, num_buckets=num_buckets)
     # threads, not joblib's worker processes: nltk 3.10's ReDoS-guarded tokenizer does not survive pickling
@@ -64,7 +73,7 @@ def log_importance_weights(pool_files: Sequence[str], target_files: Sequence[str
                                                                       f"{shard['overall_idx']}.npy")
         weights.update(zip(ids, values.tolist()))
     if len(set(weights.values())) < 2:
-        raise DselError(f"{pool_files[0]}: DSIR gives every pool document the same importance weight "
+        raise DselError(f"{pool_files[0].url}: DSIR gives every pool document the same importance weight "
                         f"(the target and pool n-gram statistics do not differ)")
     return weights
 
@@ -82,7 +91,7 @@ def window_keys(weights: dict[str, float], doc_ids: Sequence[str], doc_of_window
     return (per_doc + noise)[doc_of_window]
 
 
-def write_dsir_scores(pool_prefix: str, pool_files: Sequence[str], target_files: Sequence[str], window: int,
+def write_dsir_scores(pool_prefix: str, pool_files: Sequence, target_files: Sequence, window: int,
                       out: Path, seed: int, text_field: str = "text", id_field: str = "", num_proc: int = 1) -> Path:
     """out/scores.npy: one DSIR key per window of the tokenized pool (for `dsel select`)."""
     from dsel.data.docids import read_doc_ids

@@ -35,7 +35,7 @@ from dsel.data.loader import GPTSampleLoader, WindowSampleLoader, WindowStream, 
 from dsel.data.meta import check_same_tokenizer, meta_path, read_meta, tokenizer_identity
 from dsel.data.windows import Windows
 from dsel.errors import file_error
-from dsel.io import atomic_path, progress
+from dsel.io import atomic_path, progress, read_json
 from dsel.models.config import GPTConfig
 from dsel.train.config import TrainConfig
 
