@@ -267,7 +267,7 @@ class Pipeline:
     def input_files(self) -> list[str]:
         """Every file the run reads from outside (pool, target, validation sets, a given tokenizer): their
         content is in the tokenize stage's key."""
-        from dsel.data.tokenize import input_files
+        from dsel.data.readers import input_files
 
         data = self.cfg.data
         inputs = [resolve_input(data.pool, "pool.jsonl.gz"), resolve_input(data.target, "target.jsonl.gz"),
