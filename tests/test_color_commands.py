@@ -60,7 +60,7 @@ def target_loss(checkpoint, prefix) -> float:
 def test_finetune_lowers_target_loss_and_records_it(setup, target):
     out = setup / f"cond-{target}"
     main(["color", "finetune", f"prior={setup / 'prior'}", f"target={setup / target}", f"out={out}", "epochs=3",
-          "batch_size=4", "device=cpu"])
+          "batch_size=4", "warmup=2", "device=cpu"])
     _, meta = load_model(out)
     assert meta["tokenizer_sha256"] == read_meta(setup / "corpus")["tokenizer_sha256"]
     assert meta["finetune"]["steps"] == 3 * 6 and meta["finetune"]["last_loss"] < meta["finetune"]["first_loss"]

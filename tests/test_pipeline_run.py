@@ -25,7 +25,8 @@ def small_corpus(directory: Path) -> Path:
 def small_config(tmp_path: Path) -> Path:
     corpus = small_corpus(tmp_path / "corpus")
     config = {
-        "run_dir": str(tmp_path / "run"), "methods": ["pds", "color"], "budget": 0.3, "device": "cpu",
+        "run_dir": str(tmp_path / "run"), "methods": ["pds", "color", "cond-only", "rho-down", "dsir"], "budget": 0.3,
+        "device": "cpu",
         "data": {"pool": str(corpus / "pool.jsonl.gz"), "target": str(corpus / "target.jsonl.gz"), "vocab_size": 512,
                  "valid": {d: str(corpus / "valid" / f"{d}.jsonl.gz") for d in ("science", "legal", "sports")}},
         "model": {"preset": "tiny", "model": {"seq_len": 32, "n_layer": 1, "d_model": 32, "n_head": 2}},
@@ -52,17 +53,25 @@ def test_dsel_run_end_to_end_then_skips_and_reruns_only_what_changed(tmp_path, m
     main(["run", "-c", str(config)])
 
     stages = stage_times(run_dir)
+    arms = ("pds", "color", "cond-only", "rho-down", "dsir", "random")
     assert set(stages) == {"tokenize", "prior", "pds/proxy", "pds/solve", "pds/fit", "pds/score", "pds/select",
-                           "color/finetune", "color/score", "color/select", "random/select",
-                           *(f"{s}/{arm}" for s in ("pretrain", "eval") for arm in ("pds", "color", "random"))}
+                           "color/finetune", "color/score", "color/select", "cond-only/select", "dsir/score",
+                           "dsir/select", "random/select", *(f"{s}/{arm}" for s in ("pretrain", "eval") for arm in arms)}
     results = json.loads((run_dir / "results.json").read_text())
-    assert set(results["arms"]) == {"pds", "color", "random"} and results["target"] == "science"
-    budgets = {arm: row["tokens_selected"] for arm, row in results["arms"].items()}
+    assert set(results["arms"]) == set(arms) and results["target"] == "science"
+    budgets = {arm: row["tokens_selected"] for arm, row in results["arms"].items() if arm != "rho-down"}
     pool_tokens = json.loads((run_dir / "tokenize" / "pool.meta.json").read_text())["num_tokens"]
-    assert len(set(budgets.values())) == 1 and 0 < budgets["random"] <= 0.3 * pool_tokens
+    assert len(set(budgets.values())) == 1 and 0 < budgets["random"] <= 0.3 * pool_tokens  # dsir at the same budget
+    assert results["arms"]["rho-down"]["tokens_selected"] is None  # it selects online
+    selection = json.loads((run_dir / "cond-only" / "select" / "selection.json").read_text())
+    assert selection["expression"] == "-loss_cond" and selection["tau"] is None
+    assert selection["tau_effective"] == pytest.approx(selection["pool"] / selection["k"])
     for row in results["arms"].values():
         assert set(row["losses"]) == {"science", "legal", "sports"} and math.isfinite(row["target_loss"])
         assert 0 <= row["lm_eval"]["dsel_science_facts"]["acc,none"] <= 1
+        assert row["stderr"]["science"] > 0 and "acc,none" in row["lm_eval_stderr"]["dsel_science_facts"]
+        assert row["data_efficiency"]["random_final_loss"] == results["arms"]["random"]["data_efficiency"]["random_final_loss"]
+    assert results["arms"]["random"]["data_efficiency"]["multiplier"] == pytest.approx(1.0)
     domains = (run_dir / "tokenize" / "pool.domains.jsonl").read_text().split()
     assert len(domains) == json.loads((run_dir / "tokenize" / "pool.meta.json").read_text())["num_documents"]
     tokenizer = json.loads((run_dir / "tokenize" / "pool.meta.json").read_text())["tokenizer"]
@@ -86,34 +95,55 @@ def test_dsel_run_end_to_end_then_skips_and_reruns_only_what_changed(tmp_path, m
     main(["run", "-c", str(config), "pretrain.steps=8"])
     final = stage_times(run_dir)
     changed = {s for s in stages if final[s] != again[s]}
-    assert changed == {f"{s}/{arm}" for s in ("pretrain", "eval") for arm in ("pds", "color", "random")}
+    assert changed == {f"{s}/{arm}" for s in ("pretrain", "eval") for arm in arms}
     log = (run_dir / "pretrain" / "pds" / "log.jsonl").read_text().splitlines()
     assert max(json.loads(r)["step"] for r in log) == 8
 
 
-def test_a_typo_in_any_stage_section_fails_before_anything_runs(tmp_path, capsys):
+@pytest.mark.parametrize("override,message", [
+    ("color.finetune.learning_rate=0.1", "color/finetune"),
+    ("color.select={method: color, column: color, tau: 16}", "color/select: tau=16.0 and token_budget=1 both set"),
+    ("color.select={method: color-batch, column: color, tau: 8}", "under dsel run the budget sets tau"),
+    ("pds.select={method: topk, column: pds, fraction: 0.2}", "set either fraction= or token_budget=, not both"),
+    ("pretrain.backend=megatron", "rho-down selects each batch online with the torch backend"),
+    ("baselines.rho_down_tau=0.5", "rho_down_tau=0.5 must be >= 1"),
+    ("budget=1.5", "budget=1.5 must be in (0, 1]"),
+    ("color.finetune.target_format=books", "color/finetune"),
+])
+def test_impossible_settings_fail_before_anything_runs(tmp_path, capsys, override, message):
     config = small_config(tmp_path)
     with pytest.raises(SystemExit):
-        main(["run", "-c", str(config), "color.finetune.learning_rate=0.1"])
-    assert "color/finetune" in capsys.readouterr().err and not (tmp_path / "run").exists()
+        main(["run", "-c", str(config), override])
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
 def test_results_table_shows_the_change_against_random():
     from dsel.pipeline.commands import format_results
 
     results = {"target": "science", "arms": {
-        "color": {"target_loss": 0.75, "mean_loss": 1.0, "lm_eval": {"t": {"acc,none": 0.5}}},
-        "random": {"target_loss": 1.0, "mean_loss": 0.9}}}
+        "color": {"target_loss": 0.75, "mean_loss": 1.0, "lm_eval": {"t": {"acc,none": 0.5}},
+                  "stderr": {"science": 0.0125}, "data_efficiency": {"multiplier": 4.0}},
+        "random": {"target_loss": 1.0, "mean_loss": 0.9, "data_efficiency": {"multiplier": 1.0}}}}
     color, random = format_results(results).splitlines()[1:]
-    assert color.split() == ["color", "0.7500", "-25.0%", "1.0000", "0.500"]
-    assert random.split() == ["random", "1.0000", "-", "0.9000", "-"]
+    assert color.split() == ["color", "0.7500", "0.0125", "-25.0%", "4.00x", "1.0000", "0.500"]
+    assert random.split() == ["random", "1.0000", "-", "-", "1.00x", "0.9000", "-"]
 
 
 def test_until_select_stops_after_the_selections_and_still_reports(tmp_path, monkeypatch):
     monkeypatch.setenv("DSEL_PROGRESS", "0")
     config = small_config(tmp_path)
-    main(["run", "-c", str(config), "methods=[color]", "until=select"])
     run_dir = tmp_path / "run"
+    main(["run", "-c", str(config), "methods=[color]", "until=finetune"])  # then torchrun scores the pool
+    assert set(stage_times(run_dir)) == {"tokenize", "prior", "color/finetune"}
+    main(["run", "-c", str(config), "methods=[color]", "until=score"])
+    assert set(stage_times(run_dir)) == {"tokenize", "prior", "color/finetune", "color/score"}
+    main(["run", "-c", str(config), "methods=[color]", "until=select",
+          "color.select={method: color-batch, column: color, color_batch: 4}"])
+    selection = json.loads((run_dir / "color" / "select" / "selection.json").read_text())
+    assert selection["method"] == "color-batch" and selection["tau"] == pytest.approx(1 / 0.3)
+    assert selection["k"] == round(selection["pool"] * 0.3)  # the budget sets how many color-batch keeps
+    main(["run", "-c", str(config), "methods=[color]", "until=select"])
     assert set(stage_times(run_dir)) == {"tokenize", "prior", "color/finetune", "color/score", "color/select",
                                          "random/select"}
     assert (run_dir / "color" / "select" / "data" / "selected.bin").is_file()

@@ -4,8 +4,9 @@ import json
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
-from dsel.eval.report import domain_shares, write_report
+from dsel.eval.report import data_efficiency, domain_shares, write_report
 
 DOMAINS = ["legal", "science", "sports"]
 
@@ -49,7 +50,34 @@ def test_report_renders_every_section_with_its_numbers(tmp_path):
     assert "<b>2.1250</b>" in text  # the best target loss is highlighted
     assert "2.7500" in text and "dsel_science_facts acc,none" in text and "0.271" in text
     assert "<b>31.5</b>" in text  # total of the stage timings
-    assert "color 2.1250 (-22.7%)" in text and "pds 2.2500 (-18.2%)" in text
+    assert "color 2.1250 (-22.7%" in text and "pds 2.2500 (-18.2%" in text
+
+
+def write_log(path, evals, tokens_per_step=100):
+    """A pretraining log: train rows for steps 1..last and valid_loss rows {step: loss}."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{"step": s, "loss": 1.0, "tokens": tokens_per_step * s} for s in range(1, max(evals) + 1)]
+    rows += [{"step": s, "valid_loss": v} for s, v in evals.items()]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_data_efficiency_is_random_tokens_over_tokens_to_reach_random_final_loss(tmp_path):
+    write_log(tmp_path / "pretrain" / "random" / "log.jsonl", {10: 5.0, 20: 4.0, 30: 3.5, 40: 3.0})
+    write_log(tmp_path / "pretrain" / "color" / "log.jsonl", {10: 4.0, 20: 2.0, 30: 1.5, 40: 1.2})
+    write_log(tmp_path / "pretrain" / "dsir" / "log.jsonl", {10: 5.5, 20: 5.0, 30: 4.0, 40: 3.5})
+    found = data_efficiency(tmp_path, ["color", "dsir", "random"])
+    # color reaches 3.0 halfway between step 10 (4.0) and 20 (2.0): 1,500 tokens; random needs 4,000
+    assert found["color"]["tokens_to_random_final"] == pytest.approx(1500)
+    assert found["color"]["multiplier"] == pytest.approx(4000 / 1500)
+    assert found["random"]["multiplier"] == pytest.approx(1.0) and found["dsir"]["multiplier"] is None
+    results = {"target": "science", "arms": {
+        "color": {"target_loss": 1.2, "mean_loss": 1.0, "stderr": {"science": 0.0321},
+                  "data_efficiency": found["color"], "lm_eval": {"t": {"acc,none": 0.5}},
+                  "lm_eval_stderr": {"t": {"acc,none": 0.025}}},
+        "random": {"target_loss": 3.0, "mean_loss": 2.0, "data_efficiency": found["random"]}}}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    text = write_report(tmp_path, tmp_path / "report").read_text()
+    assert "1.2000 ± 0.0321" in text and "2.67x (1,500 tokens)" in text and "0.500 ± 0.025" in text
 
 
 def test_domain_shares_come_from_the_selections(tmp_path):

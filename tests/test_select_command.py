@@ -64,6 +64,7 @@ def test_select_writes_indices_json_histogram_and_data(corpus, tmp_path):
     assert indices.dtype == np.int64
     info = json.loads((out / "selection.json").read_text())
     assert info["k"] == len(expected) and info["pool"] == n and info["method"] == "color" and info["tau"] == 4
+    assert info["tau_effective"] == pytest.approx(n / len(expected))
     assert info["threshold"] == color[np.isin(window, expected)].min()
     assert info["tokens_kept"] == WINDOW * len(expected) and info["window"] == WINDOW
     domain = table.column("domain").to_numpy(zero_copy_only=False)
@@ -174,6 +175,9 @@ def test_random_without_column_and_no_corpus(corpus, tmp_path):
     (dict(), "3 score columns (loss_prior, loss_cond, color); choose one with column="),
     (dict(method="color-batch", column="color", token_budget=100), "takes no token_budget"),
     (dict(column="color", fraction=0.5, token_budget=100), "set either fraction= or token_budget=, not both"),
+    (dict(method="color", column="color", tau=16, token_budget=100), "both set the amount kept; set one"),
+    (dict(method="topk", column="color", tau=4), "only method=color or color-batch keep 1/tau"),
+    (dict(method="topk", column="color", token_budget=10**9), "token_budget=1000000000 is larger than the pool"),
     (dict(column="color", window=WINDOW + 1), f"window={WINDOW + 1}: the scores were computed on windows of {WINDOW} tokens"),
 ])
 def test_bad_settings_are_one_line_errors(corpus, tmp_path, settings, message):

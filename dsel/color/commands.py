@@ -13,15 +13,24 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from dsel.cli import Command
 from dsel.color.config import ColorScorerConfig, Precision
+from dsel.train.schedule import Schedule
 from dsel.config import option, to_dict
 from dsel.errors import DselError
 from dsel.io import check_writable, writes_output
 
 log = logging.getLogger(__name__)
+
+TargetFormat = Literal["pieces", "sft", "chunks"]
+
+# The official prior (color-filter-olmo configs/base.yaml): batch 256 = 64 x 4, AdamW lr 1e-3, betas (0.9, 0.95),
+# eps 1e-15, wd 0, clip 1.0, z-loss 1e-4, OLMo's cosine with 1000 warmup steps to 0.1x.
+PRIOR_RECIPE = {"preset": "color-150m", "batch_size": 64, "grad_accum": 4, "lr": 1e-3, "min_lr": 1e-4, "warmup": 1000,
+                "schedule": "olmo", "weight_decay": 0.0, "beta1": 0.9, "beta2": 0.95, "adam_eps": 1e-15,
+                "z_loss": 1e-4, "grad_clip": 1.0}
 
 
 @dataclass(kw_only=True)
@@ -46,12 +55,18 @@ class ColorTrainPriorConfig:
     fraction: float = option(1.0, "fraction of the corpus documents, drawn at random, to train on (1.0 = all)")
     seed: int = option(0, "seed of the random slice")
     train: dict[str, Any] = option({}, "dsel train settings (TrainConfig) other than data and out, e.g. "
-                                       "{steps: 20000, lr: 1e-3}; preset defaults to color-150m")
+                                       "{steps: 24000}; unset ones default to the official prior recipe "
+                                       "(PRIOR_RECIPE: preset color-150m, lr 1e-3, wd 0, eps 1e-15, z-loss 1e-4, ...)")
 
 
 @dataclass
 class ColorFinetuneConfig:
-    """`dsel color finetune`: the prior trained for one epoch on target data -> conditional model."""
+    """`dsel color finetune`: the prior trained for one epoch on target data -> conditional model.
+
+    Defaults are the official recipe (color-filter-olmo configs/base.yaml + sweeps/finetune-down.yaml):
+    a fresh AdamW (lr 1e-3, betas 0.9/0.95, eps 1e-15, wd 0), global batch 256, 100 warmup steps
+    (Books: 20) and OLMo's cosine to 0.1x, z-loss 1e-4, gradient clip 1.0.
+    """
 
     prior: str = option(help="prior model checkpoint to start from")
     target: str = option(help="target data: a .jsonl file of texts, or a Megatron dataset prefix")
@@ -59,16 +74,30 @@ class ColorFinetuneConfig:
     text_key: str = option("text", "jsonl field holding the text")
     tokenizer: Optional[str] = option(None, "tokenizer for jsonl targets (sentencepiece .model, tokenizer.json or "
                                             "folder); None = the prior's (from its meta)")
+    target_format: TargetFormat = option("pieces", "pieces (documents + EOD, padding masked out) | sft (official "
+                                                   "downstream: no EOS, right-padded, pad targets trained on) | "
+                                                   "chunks (official Books: the stream cut into full rows)")
+    pad_id: Optional[int] = option(None, "sft padding token; None = the tokenizer's pad id, else its EOD id")
     epochs: int = option(1, "passes over the target data (the paper: 1)")
-    batch_size: int = option(16, "sequences per step")
-    lr: float = option(1e-3, "AdamW learning rate (the paper: 1e-3)")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    warmup: int = option(0, "linear warmup steps")
-    min_lr_ratio: float = option(1.0, "cosine decay to this fraction of lr over the run; 1.0 = constant lr")
+    batch_size: int = option(256, "sequences per step (official: global batch 256)")
+    lr: float = option(1e-3, "AdamW peak learning rate (official: 1e-3)")
+    weight_decay: float = option(0.0, "AdamW weight decay (official: 0)")
+    adam_eps: float = option(1e-15, "AdamW epsilon (official: 1e-15)")
+    warmup: int = option(100, "warmup steps (official: 100 downstream, 20 Books)")
+    schedule: Schedule = option("olmo", "olmo (OLMo's CosWithWarmup, official) | cosine (dsel train's)")
+    min_lr_ratio: float = option(0.1, "cosine decay to this fraction of lr at the last step (official alpha_f 0.1); "
+                                      "1.0 = constant after warmup")
+    z_loss: float = option(1e-4, "z-loss weight (official softmax_auxiliary_loss: 1e-4); 0 = off")
     grad_clip: float = option(1.0, "gradient norm clip (0 = off)")
     seed: int = option(0, "seed of the data order")
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
     precision: Precision = option("auto", "auto = bf16 autocast on GPU, fp32 on CPU")
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1 or self.warmup < 0 or self.lr <= 0 or self.adam_eps <= 0:
+            raise DselError("color finetune: epochs and batch_size must be >= 1, warmup >= 0, lr and adam_eps > 0")
+        if not 0 <= self.min_lr_ratio <= 1 or self.z_loss < 0:
+            raise DselError(f"color finetune: min_lr_ratio={self.min_lr_ratio} must be in [0, 1], z_loss >= 0")
 
 
 def check_data_matches(prefix: str, models) -> None:
@@ -110,7 +139,9 @@ def run_train_prior(cfg: ColorTrainPriorConfig):
     if reserved:
         raise DselError(f"train.{reserved[0]}: set by color train-prior (from corpus, fraction and out); remove it")
     data = random_slice(cfg.corpus, cfg.fraction, cfg.seed, str(Path(cfg.out) / "slice"))
-    settings = {"preset": "color-150m", **cfg.train, "data": [data], "out": cfg.out}
+    settings = {**PRIOR_RECIPE, **cfg.train, "data": [data], "out": cfg.out}
+    if "min_lr" not in cfg.train and "lr" in cfg.train:  # keep the official 0.1x floor under another lr
+        settings["min_lr"] = 0.1 * float(settings["lr"])
     train_cfg = from_dict(TrainConfig, settings, "color train-prior: train")
     return run_train(train_cfg)
 
@@ -145,10 +176,9 @@ def run_score(cfg: ColorScoreConfig):
     return table
 
 
-def target_pieces(cfg: ColorFinetuneConfig, prior, length: int):
-    """The target data as pieces of at most `length` tokens, in the vocabulary of `prior` (a ScoredModel)."""
-    from dsel.color.target import (check_token_range, dataset_documents, read_jsonl_texts, split_documents,
-                                   tokenize_texts)
+def target_documents(cfg: ColorFinetuneConfig, prior) -> tuple[list, int]:
+    """The target documents (each ending with EOD) in the vocabulary of `prior` (a ScoredModel), and the pad id."""
+    from dsel.color.target import dataset_documents, read_jsonl_texts, tokenize_texts
 
     if cfg.target.endswith((".jsonl", ".json")):
         tokenizer_path = cfg.tokenizer or prior.meta.get("tokenizer")
@@ -162,13 +192,33 @@ def target_pieces(cfg: ColorFinetuneConfig, prior, length: int):
         if key:
             raise DselError(f"{tokenizer_path}: not the tokenizer the prior {cfg.prior} was trained with ({key} "
                             f"{tokenizer.identity()[key]!r}, the prior's {prior.meta[key]!r})")
-        documents = tokenize_texts(read_jsonl_texts(cfg.target, cfg.text_key), tokenizer)
+        pad = getattr(tokenizer, "pad_id", None)
+        return tokenize_texts(read_jsonl_texts(cfg.target, cfg.text_key), tokenizer), (
+            pad if pad is not None and pad >= 0 else tokenizer.eod_id)
+    from dsel.data.meta import read_meta
+
+    check_data_matches(cfg.target, [prior])
+    eod = read_meta(cfg.target)["eod_id"] if Path(f"{cfg.target}.meta.json").is_file() else 0
+    return dataset_documents(cfg.target), eod
+
+
+def target_pieces(cfg: ColorFinetuneConfig, prior, length: int):
+    """The target data as rows of at most `length` tokens in cfg.target_format (dsel.color.target)."""
+    from dsel.color.target import check_token_range, sft_rows, split_documents, stream_chunks
+
+    documents, pad_id = target_documents(cfg, prior)
+    if cfg.target_format == "sft":  # the official rows have no EOS: drop the EOD each document ends with
+        pad_id = pad_id if cfg.pad_id is None else cfg.pad_id
+        eod = documents[0][-1]
+        pieces = sft_rows([d[:-1] if d[-1] == eod else d for d in documents if len(d) > 1], length, pad_id)
+    elif cfg.target_format == "chunks":
+        pieces = stream_chunks(documents, length)
     else:
-        check_data_matches(cfg.target, [prior])
-        documents = dataset_documents(cfg.target)
-    pieces = split_documents(documents, length)
+        pieces = split_documents(documents, length)
     if not pieces:
-        raise DselError(f"{cfg.target}: no target document has 2 or more tokens")
+        raise DselError(f"{cfg.target}: no target row of {cfg.target_format} (the data is shorter than one "
+                        f"{length}-token row)" if cfg.target_format == "chunks" else
+                        f"{cfg.target}: no target document has 2 or more tokens")
     check_token_range(pieces, prior.vocab_size, cfg.target)
     return pieces
 
@@ -185,10 +235,14 @@ def run_finetune(cfg: ColorFinetuneConfig):
     device = resolve_device(cfg.device)
     model, meta = load_model(cfg.prior, device)
     pieces = target_pieces(cfg, ScoredModel("prior", model, cfg.prior, meta), model.config.seq_len + 1)
-    batches = [b for epoch in range(cfg.epochs) for b in epoch_batches(pieces, cfg.batch_size, 0, cfg.seed + epoch)]
+    drop_last = cfg.target_format != "pieces"  # the official loader drops the last partial batch
+    batches = [b for epoch in range(cfg.epochs)
+               for b in epoch_batches(pieces, cfg.batch_size, 0, cfg.seed + epoch, drop_last)]
+    if not batches:
+        raise DselError(f"{cfg.target}: {len(pieces)} target rows make no full batch of batch_size={cfg.batch_size}")
     losses = finetune_model(model, batches, len(batches), lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup,
                             min_lr_ratio=cfg.min_lr_ratio, grad_clip=cfg.grad_clip, device=device,
-                            precision=cfg.precision)
+                            precision=cfg.precision, adam_eps=cfg.adam_eps, z_loss=cfg.z_loss, schedule=cfg.schedule)
     meta = {**meta, "finetune": {**to_dict(cfg), "steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1]}}
     save_model(cfg.out, model, meta)
     log.info("conditional model (%d steps on %d target pieces) -> %s", len(losses), len(pieces), cfg.out)
@@ -198,7 +252,8 @@ def run_finetune(cfg: ColorFinetuneConfig):
 COMMANDS = [
     Command("color train-prior", "train the prior LM on a random slice of the corpus (via dsel train)",
             ColorTrainPriorConfig, run_train_prior),
-    Command("color finetune", "fine-tune the prior on target data (one epoch, AdamW lr 1e-3) -> conditional model",
+    Command("color finetune", "fine-tune the prior on target data (the official recipe: one epoch, AdamW lr 1e-3, "
+                              "warmup + cosine to 0.1x, batch 256) -> conditional model",
             ColorFinetuneConfig, run_finetune),
     Command("color score", "per-window losses of prior and conditional models and the CoLoR score, in shards",
             ColorScoreConfig, run_score),

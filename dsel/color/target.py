@@ -1,9 +1,17 @@
 """Target data for the conditional model: jsonl texts or a tokenized dataset, as padded batches.
 
-Target sets (a book, the few thousand examples of downstream tasks) are small and made of short
-documents. Each document (ending with EOD) is cut into pieces of at most `length` tokens; a batch
-pads its pieces to its longest one and masks the padding out of the loss, so short documents are
-neither packed across boundaries nor trained on padding.
+Target sets (a book, the few thousand examples of downstream tasks) are small. Three layouts
+(`target_format`), all rows of at most `length` tokens:
+
+    pieces  dsel's: each document (ending with EOD) cut into pieces; a batch pads its pieces to its
+            longest one and masks the padding out of the loss (no padding trained on, no document
+            predicted from another one).
+    sft     the official downstream fine-tune (color-filter-olmo olmo/eval/downstream.py, sft
+            collate): one row per document, no EOS, the last `length` tokens of a longer one,
+            right-padded with the pad id to exactly `length`, every target (pad ones too) in the
+            loss; the last partial batch is dropped (data.drop_last).
+    chunks  the official Books fine-tune (an OLMo memmap dataset): the documents, each ending with
+            EOD, concatenated and cut into rows of exactly `length` tokens (the tail dropped).
 """
 from __future__ import annotations
 
@@ -63,6 +71,23 @@ def split_documents(documents: Sequence[np.ndarray], length: int) -> list[np.nda
     return [p for p in pieces if len(p) >= 2]
 
 
+def sft_rows(documents: Sequence[np.ndarray], length: int, pad_id: int) -> list[np.ndarray]:
+    """Official SFT rows: each document's last `length` tokens, right-padded with `pad_id` to `length`."""
+    rows = []
+    for doc in documents:
+        row = np.full(length, pad_id, dtype=np.int64)
+        kept = doc[-length:]
+        row[: len(kept)] = kept
+        rows.append(row)
+    return rows
+
+
+def stream_chunks(documents: Sequence[np.ndarray], length: int) -> list[np.ndarray]:
+    """The documents concatenated and cut into rows of exactly `length` tokens (OLMo memmap chunks)."""
+    stream = np.concatenate(documents)
+    return [stream[i:i + length] for i in range(0, len(stream) - length + 1, length)]
+
+
 def length_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
     """Loss mask [B, width-1]: target position p (predicting token p+1) is real when p+1 < length."""
     return torch.arange(1, width, device=lengths.device)[None, :] < lengths[:, None]
@@ -79,10 +104,11 @@ def padded_batch(pieces: Sequence, pad_id: int = 0) -> tuple[torch.Tensor, torch
 
 
 def epoch_batches(pieces: Sequence[np.ndarray], batch_size: int, pad_id: int,
-                  seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch over `pieces` in a seeded random order, as padded, masked batches."""
+                  seed: int, drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch over `pieces` in a seeded random order, as padded, masked batches (`drop_last`: full ones only)."""
     order = np.random.default_rng(seed).permutation(len(pieces))
-    for start in range(0, len(order), batch_size):
+    stop = len(order) - len(order) % batch_size if drop_last else len(order)
+    for start in range(0, stop, batch_size):
         yield padded_batch([pieces[i] for i in order[start:start + batch_size]], pad_id)
 
 

@@ -18,12 +18,18 @@ def validation_windows(prefix: str, window: int, vocab_size: int) -> Windows:
 
 
 def heldout_loss(model, windows: Windows, batch_size: int = 16, max_batches: int = 0, device="cpu") -> dict:
-    """Mean next-token loss over the first `max_batches` batches (0 = all windows): {loss, windows, tokens}."""
-    from dsel.train.torch_backend import evaluate
+    """Mean next-token loss over the first `max_batches` batches (0 = all windows): {loss, stderr, windows, tokens}.
 
-    count = len(windows) if max_batches <= 0 else min(max_batches * batch_size, len(windows))
-    loss = evaluate(model, windows, windows.window, batch_size, device, max_batches or None, precision="fp32")
-    return {"loss": loss, "windows": count, "tokens": count * (windows.window - 1)}
+    `stderr` is the standard error of that mean over windows (sample std / sqrt(windows); 0 for one window).
+    """
+    import math
+
+    from dsel.train.torch_backend import window_losses
+
+    losses = window_losses(model, windows, windows.window, batch_size, device, max_batches or None, precision="fp32")
+    stderr = float(losses.std(ddof=1) / math.sqrt(len(losses))) if len(losses) > 1 else 0.0
+    return {"loss": float(losses.mean()), "stderr": stderr, "windows": len(losses),
+            "tokens": len(losses) * (windows.window - 1)}
 
 
 def heldout_losses(model, datasets: dict[str, str], window: int, batch_size: int = 16, max_batches: int = 0,

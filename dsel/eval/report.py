@@ -18,7 +18,8 @@ import numpy as np
 
 from dsel.io import atomic_path, read_json
 
-COLORS = {"pds": "tab:blue", "color": "tab:orange", "random": "tab:gray"}
+COLORS = {"pds": "tab:blue", "color": "tab:orange", "random": "tab:gray", "cond-only": "tab:red",
+          "rho-down": "tab:purple", "dsir": "tab:brown"}
 
 
 def arm_color(arm: str) -> str:
@@ -39,6 +40,47 @@ def read_log(path: Path) -> tuple[list[dict], list[dict]]:
     """(training rows with `loss`, evaluation rows with `valid_loss`) of a training log.jsonl."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r for r in rows if "loss" in r], [r for r in rows if "valid_loss" in r]
+
+
+def target_curve(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(training tokens, target held-out loss) at every evaluation of a pretraining log."""
+    train, valid = read_log(path)
+    tokens_at = {r["step"]: r["tokens"] for r in train}
+    rows = [r for r in valid if r["step"] in tokens_at]
+    return np.array([tokens_at[r["step"]] for r in rows], dtype=np.float64), np.array([r["valid_loss"] for r in rows])
+
+
+def tokens_to_reach(tokens: np.ndarray, losses: np.ndarray, level: float) -> float | None:
+    """Training tokens at which a loss curve first reaches `level`, linear between evaluations (from 0 tokens
+    at the first evaluation's loss); None if it never does."""
+    hits = np.flatnonzero(losses <= level)
+    if len(hits) == 0:
+        return None
+    i = int(hits[0])
+    if i == 0:
+        return float(tokens[0])
+    t0, t1, l0, l1 = tokens[i - 1], tokens[i], losses[i - 1], losses[i]
+    return float(t0 + (t1 - t0) * (l0 - level) / (l0 - l1))
+
+
+def data_efficiency(run_dir: Path, arms: list[str]) -> dict[str, dict]:
+    """Per arm: the tokens at which its target held-out loss first reaches the random arm's final loss, and
+    the multiplier random's tokens / those tokens (the papers' "N x less data"; None: never reached)."""
+    logs = {arm: run_dir / "pretrain" / arm / "log.jsonl" for arm in arms}
+    if "random" not in arms or not logs["random"].is_file():
+        return {}
+    tokens, losses = target_curve(logs["random"])
+    if not len(losses):
+        return {}
+    level, total = float(losses[-1]), float(tokens[-1])
+    out = {}
+    for arm, path in logs.items():
+        if not path.is_file():
+            continue
+        reached = tokens_to_reach(*target_curve(path), level)
+        out[arm] = {"random_final_loss": level, "tokens_to_random_final": reached,
+                    "multiplier": total / reached if reached else None}
+    return out
 
 
 def score_column(selection: dict) -> str | None:
@@ -157,18 +199,38 @@ def results_table(results: dict) -> str:
     domains = sorted({d for row in arms.values() for d in row.get("losses", {})})
     metrics = sorted({f"{task} {m}" for row in arms.values() for task, ms in row.get("lm_eval", {}).items() for m in ms})
     best = min(row["target_loss"] for row in arms.values())
-    head = ["arm", f"target loss ({results.get('target', '')})", "mean held-out loss", *domains, *metrics,
-            "tokens selected"]
+    head = ["arm", f"target loss ({results.get('target', '')}) ± stderr", "data efficiency vs random",
+            "mean held-out loss", *domains, *metrics, "tokens selected"]
     rows = []
     for arm, row in arms.items():
         lm = {f"{task} {m}": v for task, ms in row.get("lm_eval", {}).items() for m, v in ms.items()}
-        target = f"{row['target_loss']:.4f}"
-        cells = [arm, f"<b>{target}</b>" if row["target_loss"] == best else target, f"{row['mean_loss']:.4f}",
-                 *(f"{row['losses'][d]:.4f}" if d in row.get("losses", {}) else "-" for d in domains),
-                 *(f"{lm[m]:.3f}" if m in lm else "-" for m in metrics), f"{row.get('tokens_selected', 0):,}"]
+        lm_err = {f"{task} {m}": v for task, ms in row.get("lm_eval_stderr", {}).items() for m, v in ms.items()}
+        err = row.get("stderr", {})
+        target = f"{row['target_loss']:.4f}" + with_stderr(err.get(results.get("target", "")))
+        tokens = row.get("tokens_selected")
+        cells = [arm, f"<b>{target}</b>" if row["target_loss"] == best else target,
+                 multiplier_text(row.get("data_efficiency")), f"{row['mean_loss']:.4f}",
+                 *(f"{row['losses'][d]:.4f}{with_stderr(err.get(d))}" if d in row.get("losses", {}) else "-"
+                   for d in domains),
+                 *(f"{lm[m]:.3f}{with_stderr(lm_err.get(m), 3)}" if m in lm else "-" for m in metrics),
+                 f"{tokens:,}" if tokens is not None else "online"]
         rows.append("<tr>" + "".join(f"<td>{c if c.startswith('<b>') else html.escape(c)}</td>" for c in cells) + "</tr>")
     header = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
     return f"<table>{header}{''.join(rows)}</table>"
+
+
+def with_stderr(stderr, digits: int = 4) -> str:
+    """' ± 0.0123' (nothing when unknown)."""
+    return f" ± {stderr:.{digits}f}" if isinstance(stderr, (int, float)) else ""
+
+
+def multiplier_text(efficiency: dict | None) -> str:
+    """'12.3x (1,234 tokens)', '< 1x' when the random arm's final loss is never reached, '-' when unknown."""
+    if not efficiency:
+        return "-"
+    if efficiency.get("multiplier") is None:
+        return "< 1x (never reaches random's final loss)"
+    return f"{efficiency['multiplier']:.2f}x ({efficiency['tokens_to_random_final']:,.0f} tokens)"
 
 
 def headline(results: dict) -> str:
@@ -177,10 +239,12 @@ def headline(results: dict) -> str:
     if "random" not in arms or len(arms) < 2:
         return ""
     base = arms["random"]["target_loss"]
-    parts = [f"{html.escape(arm)} {row['target_loss']:.4f} ({100 * (row['target_loss'] / base - 1):+.1f}%)"
+    parts = [f"{html.escape(arm)} {row['target_loss']:.4f} ({100 * (row['target_loss'] / base - 1):+.1f}%, "
+             f"data efficiency {html.escape(multiplier_text(row.get('data_efficiency')))})"
              for arm, row in arms.items() if arm != "random"]
     return (f"<p>Held-out loss on the target ({html.escape(results.get('target', ''))}) after pretraining on each "
-            f"selection: {', '.join(parts)}; random data of the same token budget: {base:.4f}.</p>")
+            f"selection: {', '.join(parts)}; random data of the same token budget: {base:.4f}. Data efficiency: "
+            f"random's training tokens over the tokens an arm needs to reach random's final target loss.</p>")
 
 
 def pds_scorer_table(run_dir: Path) -> str:

@@ -27,6 +27,9 @@ class GPTConfig:
     norm: Literal["layernorm", "rmsnorm"] = option("layernorm", "normalisation layer")
     norm_eps: float = option(1e-5, "normalisation epsilon")
     bias: bool = option(False, "biases in linear layers")
+    norm_bias: bool = option(True, "a bias (shift) in every LayerNorm; False = scale only (OLMo/CoLoR: no LayerNorm bias)")
+    qk_layernorm: bool = option(False, "LayerNorm on the queries and keys over their full width, before the head split "
+                                       "and RoPE (OLMo's attention_layer_norm, used by CoLoR-Filter)")
     tie_embeddings: bool = option(False, "share the input embedding and the output head")
     rope_base: float = option(10000.0, "rotary embedding base")
     init_std: float = option(0.02, "std of the normal weight init")
@@ -78,7 +81,12 @@ PRESETS: dict[str, GPTConfig] = {
     # The papers' models.
     "pds-160m": GPTConfig(vocab_size=50304, seq_len=1024, n_layer=12, n_head=12, d_model=768),
     "pds-scorer-125m": GPTConfig(vocab_size=50304, seq_len=1024, n_layer=12, n_head=12, d_model=768),
-    "color-150m": GPTConfig(vocab_size=50304, seq_len=512, n_layer=12, n_head=16, d_model=1024),
+    # CoLoR-Filter's OLMo prior (configs/base.yaml of color-filter-olmo): QK-LayerNorm, no biases anywhere.
+    "color-150m": GPTConfig(vocab_size=50304, seq_len=512, n_layer=12, n_head=16, d_model=1024, norm_bias=False,
+                            qk_layernorm=True),
+    # CoLoR-Filter's 1.2B target model (configs/sweeps/pretrain-1b.yaml): d 2048, 24 layers, 32 heads, MLP 8192.
+    "color-1b": GPTConfig(vocab_size=50304, seq_len=512, n_layer=24, n_head=32, d_model=2048, norm_bias=False,
+                          qk_layernorm=True),
     "gpt-1b": GPTConfig(vocab_size=50304, seq_len=2048, n_layer=24, n_head=16, d_model=2048),
 }
 

@@ -50,11 +50,12 @@ def init_parameter_(name: str, p: torch.Tensor, config: GPTConfig, generator: to
         p.normal_(0.0, std, generator=generator)
 
 
-def make_norm(config: GPTConfig) -> nn.Module:
-    """LayerNorm (with bias) or RMSNorm, as megatron's `normalization` setting."""
+def make_norm(config: GPTConfig, width: int | None = None) -> nn.Module:
+    """LayerNorm (with a bias unless norm_bias=False) or RMSNorm over `width` (default d_model) features."""
+    width = width or config.d_model
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(config.d_model, eps=config.norm_eps)
-    return nn.LayerNorm(config.d_model, eps=config.norm_eps)
+        return nn.RMSNorm(width, eps=config.norm_eps)
+    return nn.LayerNorm(width, eps=config.norm_eps, bias=config.norm_bias)
 
 
 def rotary_frequencies(seq_len: int, head_dim: int, base: float, device=None) -> torch.Tensor:
@@ -80,14 +81,20 @@ class SelfAttention(nn.Module):
         qkv_out = self.groups * (self.n_head // self.groups + 2) * self.head_dim
         self.linear_qkv = nn.Linear(config.d_model, qkv_out, bias=config.bias)
         self.linear_proj = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=config.bias)
+        if config.qk_layernorm:  # OLMo's q_norm/k_norm: one norm over all heads' features
+            self.q_layernorm = make_norm(config, self.n_head * self.head_dim)
+            self.k_layernorm = make_norm(config, self.groups * self.head_dim)
 
     def forward(self, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
         b, length, _ = x.shape
         per_group = self.n_head // self.groups
         qkv = self.linear_qkv(x).view(b, length, self.groups, (per_group + 2) * self.head_dim)
         q, k, v = qkv.split([per_group * self.head_dim, self.head_dim, self.head_dim], dim=-1)
-        q = apply_rotary(q.reshape(b, length, self.n_head, self.head_dim), angles)
-        k = apply_rotary(k, angles)
+        q, k = q.reshape(b, length, -1), k.reshape(b, length, -1)  # heads in order, group by group
+        if hasattr(self, "q_layernorm"):
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
+        q = apply_rotary(q.view(b, length, self.n_head, self.head_dim), angles)
+        k = apply_rotary(k.view(b, length, self.groups, self.head_dim), angles)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, L, D]
         if per_group > 1:
             k, v = k.repeat_interleave(per_group, dim=1), v.repeat_interleave(per_group, dim=1)
@@ -202,11 +209,38 @@ class GPT(nn.Module):
         counts = (targets != IGNORE_INDEX).sum(dim=1).clamp(min=1)
         return self.token_losses(tokens, targets).float().sum(dim=1) / counts
 
-    def loss(self, tokens: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        """Training loss: the mean window loss, or sum_n weights[n] * loss_n (PDS's weighted loss)."""
-        losses = self.sequence_losses(tokens)
+    def loss(self, tokens: torch.Tensor, weights: torch.Tensor | None = None, z_loss: float = 0.0) -> torch.Tensor:
+        """Training loss: the mean window loss, or sum_n weights[n] * loss_n (PDS's weighted loss).
+
+        `z_loss` adds z_loss * mean(logsumexp(logits)^2) over the targets (OLMo's softmax auxiliary
+        loss, which CoLoR-Filter's models train with at 1e-4).
+        """
+        from kernels import linear_cross_entropy
+
+        targets = tokens[:, 1:]
+        hidden = self.hidden_states(tokens[:, :-1])
+        head = self.head_weight.to(hidden.dtype)
+        token = linear_cross_entropy(hidden.flatten(0, 1), head, targets.flatten()).view(targets.shape)
+        losses = token.float().mean(dim=1)
         if weights is None:
-            return losses.mean()
-        if weights.shape != losses.shape:
+            loss = losses.mean()
+        elif weights.shape != losses.shape:
             raise ValueError(f"weights of shape {tuple(weights.shape)} for {len(losses)} windows")
-        return (weights.to(losses) * losses).sum()
+        else:
+            loss = (weights.to(losses) * losses).sum()
+        if z_loss:
+            loss = loss + z_loss * squared_log_normaliser(hidden, head, targets, token)
+        return loss
+
+
+def squared_log_normaliser(hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor,
+                           token_losses: torch.Tensor) -> torch.Tensor:
+    """mean over non-ignored targets of logsumexp(logits)^2, without the logits.
+
+    The cross-entropy of a target is logsumexp(z) - z_target, so logsumexp(z) = loss + h . w_target:
+    one gathered row of the head per token instead of a [tokens x vocab] matrix.
+    """
+    valid = targets != IGNORE_INDEX
+    target_logit = (hidden.float() * head[targets.clamp(min=0)].float()).sum(-1)
+    log_normaliser = token_losses.float() + target_logit
+    return (log_normaliser.pow(2) * valid).sum() / valid.sum().clamp(min=1)

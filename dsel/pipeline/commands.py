@@ -27,16 +27,23 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
 
 def format_results(results: dict) -> str:
-    """A plain-text table: per arm the target loss (and its change against random), mean held-out loss, lm-eval acc."""
+    """A plain-text table: per arm the target loss ± its stderr over windows, its change against random,
+    the data-efficiency multiplier, mean held-out loss and lm-eval acc."""
     arms = results["arms"]
     random_loss = arms.get("random", {}).get("target_loss")
-    lines = [f"{'arm':<10} {'target loss (' + results['target'] + ')':>24} {'vs random':>10} "
-             f"{'mean held-out loss':>20} {'lm-eval acc':>12}"]
+    lines = [f"{'arm':<10} {'target loss (' + results['target'] + ')':>24} {'± stderr':>9} {'vs random':>10} "
+             f"{'data eff.':>10} {'mean held-out loss':>20} {'lm-eval acc':>12}"]
     for arm, row in arms.items():
         accs = [m["acc,none"] for m in row.get("lm_eval", {}).values() if "acc,none" in m]
         acc = f"{sum(accs) / len(accs):.3f}" if accs else "-"
         change = f"{100 * (row['target_loss'] / random_loss - 1):+.1f}%" if random_loss and arm != "random" else "-"
-        lines.append(f"{arm:<10} {row['target_loss']:>24.4f} {change:>10} {row['mean_loss']:>20.4f} {acc:>12}")
+        stderr = row.get("stderr", {}).get(results["target"])
+        stderr = f"{stderr:.4f}" if stderr is not None else "-"
+        efficiency = row.get("data_efficiency") or {}
+        multiplier = efficiency.get("multiplier")
+        eff = f"{multiplier:.2f}x" if multiplier else ("<1x" if efficiency else "-")
+        lines.append(f"{arm:<10} {row['target_loss']:>24.4f} {stderr:>9} "
+                     f"{change:>10} {eff:>10} {row['mean_loss']:>20.4f} {acc:>12}")
     return "\n".join(lines)
 
 

@@ -14,7 +14,9 @@ from typing import Any, Literal
 from dsel.config import option
 
 BUNDLED = Path(__file__).resolve().parent.parent / "data" / "bundled"
-Method = Literal["pds", "color"]
+Method = Literal["pds", "color", "cond-only", "rho-down", "dsir"]
+Until = Literal["finetune", "score", "select", "report"]
+UNTIL_ORDER = ("finetune", "score", "select", "report")
 
 
 @dataclass
@@ -59,6 +61,15 @@ class ColorConfig:
 
 
 @dataclass
+class BaselinesConfig:
+    """The CoLoR-Filter paper's baselines beside random: cond-only, rho-down, dsir (arms in `methods`)."""
+
+    rho_down_tau: float | None = option(None, "rho-down: each step keeps n of tau*n random pool windows; "
+                                              "None = 1/budget (the selection ratio of the other arms)")
+    dsir_workers: int = option(1, "dsir: processes of the data-selection package")
+
+
+@dataclass
 class EvalConfig:
     """Evaluation of every pretrained model."""
 
@@ -73,9 +84,11 @@ class PipelineConfig:
     """`dsel run`: tokenize -> prior -> PDS and/or CoLoR -> select -> pretrain selected vs random -> eval -> report."""
 
     run_dir: str = option("runs/quickstart", "every stage writes run_dir/<stage>/ and is skipped once done")
-    methods: list[Method] = option(["pds", "color"], "selection methods to run, each compared with random data")
-    until: Literal["select", "report"] = option("report", "select: stop once the selections are written (pretrain "
-                                                          "them at scale with `torchrun -m dsel train`)")
+    methods: list[Method] = option(["pds", "color"], "selection arms, each compared with random data: pds, color, and "
+                                                     "the CoLoR paper's baselines cond-only (-loss_cond), rho-down "
+                                                     "(online, during pretraining), dsir (data-selection package)")
+    until: Until = option("report", "stop after this phase: finetune (models ready to score: hand scoring to "
+                                    "torchrun), score, select (pretrain at scale with `torchrun -m dsel train`), report")
     budget: float = option(0.25, "share of the pool's tokens every selection (and the random baseline) keeps")
     seed: int = option(0, "seed of the proxy sample, the random baseline and every training run")
     device: str = option("auto", "cpu, cuda, cuda:N or auto (every stage)")
@@ -86,4 +99,5 @@ class PipelineConfig:
     pretrain: dict[str, Any] = option({"steps": 300}, "`dsel train` settings of every pretraining run (same for all)")
     pds: PdsConfig = field(default_factory=PdsConfig, metadata={"help": "PDS settings"})
     color: ColorConfig = field(default_factory=ColorConfig, metadata={"help": "CoLoR-Filter settings"})
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig, metadata={"help": "rho-down and dsir settings"})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "evaluation settings"})

@@ -30,6 +30,7 @@ from dsel.io import (atomic_path, check_free_space, dataset_digest, file_digest,
 log = logging.getLogger(__name__)
 
 PDS_FRACTION = 0.4
+DEFAULT_TAU = 16.0  # CoLoR-Filter's headline setting
 
 
 @dataclass
@@ -41,7 +42,8 @@ class SelectConfig:
         "gumbel", "topk | gumbel (PDS) | color (global top 1/tau) | color-batch (n of tau*n draws) | random")
     column: str = option("", "score expression: 'pds', '-loss_cond', 'loss_prior - loss_cond'; '' = the only score column")
     fraction: float | None = option(None, "share of windows to keep, in (0, 1]; default 0.4 (PDS); color methods use 1/tau")
-    tau: float = option(16.0, "CoLoR: keep 1/tau of the pool (color, color-batch); >= 1")
+    tau: float | None = option(None, "CoLoR: keep 1/tau of the pool (color, color-batch); >= 1; None = 16 "
+                                     "(with token_budget= the budget sets the amount: leave tau unset)")
     color_batch: int = option(1024, "color-batch: n windows kept from each draw of tau*n random candidates")
     token_budget: int = option(0, "keep the best windows whose tokens sum to at most this (replaces fraction/tau); 0 = off")
     temperature: float = option(0.1, "gumbel: score + temperature * Gumbel noise")
@@ -66,8 +68,13 @@ def check_settings(cfg: SelectConfig) -> None:
     """One-line errors for settings that cannot work, before any file is read."""
     if cfg.fraction is not None and not 0 < cfg.fraction <= 1:
         raise DselError(f"fraction={cfg.fraction}: must be in (0, 1]")
-    if cfg.tau < 1:
+    if cfg.tau is not None and cfg.tau < 1:
         raise DselError(f"tau={cfg.tau}: must be >= 1 (keep 1/tau of the pool)")
+    if cfg.tau is not None and not cfg.method.startswith("color"):
+        raise DselError(f"tau={cfg.tau}: only method=color or color-batch keep 1/tau; method={cfg.method} takes "
+                        f"fraction= or token_budget=")
+    if cfg.tau is not None and cfg.token_budget:
+        raise DselError(f"tau={cfg.tau} and token_budget={cfg.token_budget} both set the amount kept; set one")
     if cfg.method.startswith("color") and cfg.fraction is not None:
         raise DselError(f"method={cfg.method} keeps 1/tau of the pool; set tau= instead of fraction=")
     if cfg.token_budget < 0:
@@ -90,9 +97,10 @@ def make_plan(cfg: SelectConfig, source):
 
     colour = cfg.method.startswith("color")
     expression = None if cfg.method == "random" and not cfg.column and len(source.columns) != 1 else parse_expression(cfg.column, source)
-    fraction = None if cfg.token_budget else (1.0 / cfg.tau if colour else cfg.fraction or PDS_FRACTION)
+    tau = (cfg.tau or DEFAULT_TAU) if colour and not cfg.token_budget else None
+    fraction = None if cfg.token_budget else (1.0 / tau if colour else cfg.fraction or PDS_FRACTION)
     return Plan(cfg.method, expression, fraction=fraction, token_budget=cfg.token_budget or None,
-                tau=cfg.tau if colour else None, color_batch=cfg.color_batch,
+                tau=tau, color_batch=cfg.color_batch,
                 temperature=cfg.temperature if cfg.method == "gumbel" else 0.0, seed=cfg.seed)
 
 
@@ -229,7 +237,8 @@ def describe_selection(plan, selection, source, corpus: str, window: int, second
     kept = len(selection.indices)
     summary = {
         "method": plan.method, "expression": str(plan.expression) if plan.expression else None,
-        "fraction": plan.fraction, "tau": plan.tau, "token_budget": plan.token_budget,
+        "fraction": plan.fraction, "tau": plan.tau, "tau_effective": selection.pool / max(kept, 1),
+        "token_budget": plan.token_budget,
         "temperature": plan.temperature, "seed": plan.seed,
         "color_batch": plan.color_batch if plan.method == "color-batch" else None,
         "threshold": selection.threshold, "k": kept, "pool": selection.pool,

@@ -35,7 +35,8 @@ def materialise(windows: Windows, indices: np.ndarray, out_dir: str | Path, fmt:
     else:
         selected = write_windows(windows, indices, prefix)
     corpus = corpus_prefix(windows.source)
-    write_derived_meta(corpus, selected, selected_from=corpus, format=fmt)  # models trained on it record the tokenizer
+    # models trained on it record the tokenizer; `window` makes dsel train draw one sample per selected window
+    write_derived_meta(corpus, selected, selected_from=corpus, format=fmt, window=windows.window)
     write_selected_sidecars(windows, indices, prefix)
     return selected
 

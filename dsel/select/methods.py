@@ -130,6 +130,9 @@ def select(source, plan: Plan, num_windows: int, chunk_rows: int = 1 << 20, max_
         threshold = None if plan.method == "random" else top.threshold
         result = (top.indices, threshold, top.tokens, top.passes, top.candidates)
     stats.check_complete()
+    if plan.token_budget and plan.token_budget > stats.tokens:
+        raise DselError(f"{source.path}: token_budget={plan.token_budget} is larger than the pool "
+                        f"({stats.tokens} tokens in {stats.rows} windows)")
     indices, threshold, tokens, passes, candidates = result
     domains = count_domains(source, indices, chunk_rows) if source.has_domain else {}
     return Selection(indices, threshold, tokens, stats.rows, stats.tokens, passes + bool(domains), candidates,

@@ -17,6 +17,7 @@ from typing import Any, Literal, Optional
 from dsel.config import from_dict, option
 from dsel.errors import DselError
 from dsel.models.config import GPTConfig, preset as preset_config
+from dsel.train.schedule import Schedule
 
 
 VOCAB_MULTIPLE = 128  # Megatron's make_vocab_size_divisible_by
@@ -57,6 +58,8 @@ class TrainConfig:
     lr: float = option(3e-4, "peak learning rate")
     min_lr: float = option(3e-5, "learning rate of the last step (end of the cosine decay)")
     warmup: int = option(0, "linear warmup steps")
+    schedule: Schedule = option("cosine", "cosine (warmup from 0, cosine to min_lr) | olmo (OLMo's CosWithWarmup: "
+                                          "warmup from 0.1*lr, the official CoLoR-Filter schedule)")
     steps: Optional[int] = option(None, "optimizer steps (set this or tokens)")
     tokens: Optional[int] = option(None, "training tokens, rounded up to whole steps (set this or steps)")
     batch_size: int = option(8, "samples per micro-batch")
@@ -65,6 +68,8 @@ class TrainConfig:
     weight_decay: float = option(0.1, "decoupled (AdamW) or L2 (SGD) weight decay of matrices; none on norms/biases")
     beta1: float = option(0.9, "AdamW beta1")
     beta2: float = option(0.95, "AdamW beta2")
+    adam_eps: float = option(1e-8, "AdamW epsilon (the official CoLoR-Filter recipe: 1e-15)")
+    z_loss: float = option(0.0, "weight of the z-loss, mean logsumexp(logits)^2 (OLMo/CoLoR-Filter: 1e-4); 0 = off")
     weights: Optional[str] = option(None, ".npy of per-sample loss weights indexed by training sample (PDS-style)")
     seed: int = option(1234, "seed of the model init and of the data order")
     eval_every: int = option(0, "steps between valid_loss evaluations (0 = only at the end)")
@@ -97,6 +102,12 @@ class TrainConfig:
                 raise DselError(f"train config: '{name}' must be positive, got {value}")
         if not 0 <= self.min_lr <= self.lr:
             raise DselError(f"train config: min_lr={self.min_lr} must be in [0, lr={self.lr}]")
+        if self.adam_eps <= 0 or self.z_loss < 0:
+            raise DselError(f"train config: adam_eps={self.adam_eps} must be > 0 and z_loss={self.z_loss} >= 0")
+        if self.backend == "megatron" and (self.z_loss or self.model.get("qk_layernorm")
+                                           or self.model.get("norm_bias") is False):
+            raise DselError("train config: z_loss, model.qk_layernorm and model.norm_bias=false are torch-backend "
+                            "features (megatron-core's QK norm is per head); use backend=torch")
         for name in ("warmup", "eval_every", "save_every"):
             if getattr(self, name) < 0:
                 raise DselError(f"train config: '{name}' must be >= 0, got {getattr(self, name)}")

@@ -31,11 +31,11 @@ from dsel.config import save_config, to_dict
 from dsel.device import autocast_for, resolve_device
 from dsel.train.schedule import lr_at
 from dsel.data.indexed import IndexedDataset
-from dsel.data.loader import GPTSampleLoader, WindowStream, prefetched
+from dsel.data.loader import GPTSampleLoader, WindowSampleLoader, WindowStream, prefetched
 from dsel.data.meta import check_same_tokenizer, meta_path, read_meta, tokenizer_identity
 from dsel.data.windows import Windows
 from dsel.errors import file_error
-from dsel.io import atomic_path, progress
+from dsel.io import atomic_path, progress, read_json
 from dsel.models.config import GPTConfig
 from dsel.train.config import TrainConfig
 
@@ -80,8 +80,7 @@ class BlendedSamples:
                  num_samples: int):
         self.dataset_index, self.dataset_sample = blending_index(weights, num_samples)
         counts = np.bincount(self.dataset_index, minlength=len(datasets))
-        self.loaders = [GPTSampleLoader(ds, seq_len, 1, seed, num_samples=max(int(n), 1), prefetch=0)
-                        for ds, n in zip(datasets, counts)]
+        self.loaders = [sample_loader(ds, seq_len, seed, max(int(n), 1)) for ds, n in zip(datasets, counts)]
         self.seq_len, self.num_samples = seq_len, num_samples
 
     def batch(self, ids: np.ndarray) -> np.ndarray:
@@ -95,11 +94,37 @@ class BlendedSamples:
         return out
 
 
+def selection_window(prefix: str) -> int | None:
+    """The window length of a `dsel select` output (recorded in its meta.json), None for other data."""
+    path = Path(meta_path(prefix))
+    return read_json(path).get("window") if path.is_file() else None
+
+
+def sample_loader(dataset: IndexedDataset, seq_len: int, seed: int, num_samples: int):
+    """Samples of one dataset: whole windows of a selection (WindowSampleLoader), else megatron's GPTDataset order.
+
+    A selection trains window by window so that no sample joins two selected windows; its windows
+    must then be exactly one training sample (seq_len + 1 tokens) long.
+    """
+    window = selection_window(dataset.prefix)
+    if window is None:
+        return GPTSampleLoader(dataset, seq_len, 1, seed, num_samples=num_samples, prefetch=0)
+    if window != seq_len + 1:
+        raise file_error(meta_path(dataset.prefix), f"a selection of {window}-token windows cannot train as selected "
+                                                    f"with seq_len={seq_len} (samples of {seq_len + 1} tokens); set "
+                                                    f"model.seq_len={window - 1} or select windows of {seq_len + 1}")
+    loader = WindowSampleLoader(dataset, seq_len, seed, num_samples)
+    if loader.epochs > 1:
+        log.warning("%s: %d samples repeat its %d selected windows (%d passes)", dataset.prefix, num_samples,
+                    len(dataset), loader.epochs)
+    return loader
+
+
 def training_samples(cfg: TrainConfig, seq_len: int, vocab_size: int, num_samples: int):
-    """The sample source of the run (one dataset: GPTSampleLoader; several: BlendedSamples)."""
+    """The sample source of the run (one dataset: sample_loader; several: BlendedSamples)."""
     datasets = [open_dataset(prefix, vocab_size) for prefix in cfg.data]
     if len(datasets) == 1:
-        return GPTSampleLoader(datasets[0], seq_len, cfg.batch_size, cfg.seed, num_samples=num_samples, prefetch=0)
+        return sample_loader(datasets[0], seq_len, cfg.seed, num_samples)
     weights = cfg.data_weights or [ds.num_tokens for ds in datasets]
     return BlendedSamples(datasets, weights, seq_len, cfg.seed, num_samples)
 
@@ -208,12 +233,12 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr)
     fused = params[0].is_cuda  # one fused kernel per step on GPU
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused)
 
 
 def learning_rate(cfg: TrainConfig, step: int, steps: int) -> float:
-    """Linear warmup to lr (step s < warmup: lr*(s+1)/warmup), then cosine decay to min_lr at the last step."""
-    return lr_at(step, steps, cfg.lr, cfg.warmup, cfg.min_lr / cfg.lr)
+    """This step's lr under cfg.schedule: warmup to lr, then cosine decay to min_lr at the last step."""
+    return lr_at(step, steps, cfg.lr, cfg.warmup, cfg.min_lr / cfg.lr, cfg.schedule)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +246,7 @@ def learning_rate(cfg: TrainConfig, step: int, steps: int) -> float:
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches, lr: float,
-               grad_clip: float, device: torch.device, precision: str = "auto") -> tuple[float, float]:
+               grad_clip: float, device: torch.device, precision: str = "auto", z_loss: float = 0.0) -> tuple[float, float]:
     """One optimizer step over micro-batches of (tokens [B, W], weights [B] or None) -> (loss, grad norm).
 
     The loss is the mean window loss over all micro-batches, or with weights sum_n w_n*loss_n / N
@@ -233,9 +258,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
         tokens = tokens.to(device, non_blocking=True)
         with autocast_for(device, precision):
             if weights is None:
-                loss = model.loss(tokens) * (len(tokens) / total)
+                loss = model.loss(tokens, z_loss=z_loss) * (len(tokens) / total)
             else:
-                loss = model.loss(tokens, weights.to(device) / total)
+                loss = model.loss(tokens, weights.to(device) / total, z_loss=z_loss * len(tokens) / total)
         loss.backward()
         loss_sum += loss.detach()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
@@ -247,10 +272,10 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data, window: Optional[int] = None, batch_size: int = 8,
-             device: str | torch.device | None = None, max_batches: Optional[int] = None,
-             precision: str = "auto") -> float:
-    """Mean held-out loss of the first windows of `data` (a dataset prefix or a Windows).
+def window_losses(model: torch.nn.Module, data, window: Optional[int] = None, batch_size: int = 8,
+                  device: str | torch.device | None = None, max_batches: Optional[int] = None,
+                  precision: str = "auto") -> np.ndarray:
+    """Held-out loss of each of the first windows of `data` (a dataset prefix or a Windows), float64.
 
     Windows are consecutive `window` tokens (default: the model's seq_len + 1, predicting seq_len).
     """
@@ -260,14 +285,19 @@ def evaluate(model: torch.nn.Module, data, window: Optional[int] = None, batch_s
     stop = len(windows) if max_batches is None else min(len(windows), max_batches * batch_size)
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    losses = []
     for _, tokens in WindowStream(windows, batch_size, stop=stop):
         with autocast_for(device, precision):
-            losses = model.sequence_losses(torch.from_numpy(tokens).to(device))
-        total += losses.double().sum().item()
-        count += len(losses)
+            losses.append(model.sequence_losses(torch.from_numpy(tokens).to(device)).double().cpu().numpy())
     model.train(was_training)
-    return total / count
+    return np.concatenate(losses)
+
+
+def evaluate(model: torch.nn.Module, data, window: Optional[int] = None, batch_size: int = 8,
+             device: str | torch.device | None = None, max_batches: Optional[int] = None,
+             precision: str = "auto") -> float:
+    """Mean held-out loss of the first windows of `data` (see window_losses)."""
+    return float(window_losses(model, data, window, batch_size, device, max_batches, precision).mean())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,11 +404,14 @@ def step_batches(samples, cfg: TrainConfig, first_step: int, steps: int, weights
 
 
 def train(cfg: TrainConfig, sample_weights: SampleWeights | None = None,
-          on_step: Callable[[int, dict], None] | None = None) -> Path:
+          on_step: Callable[[int, dict], None] | None = None,
+          online_batches: Callable[[torch.nn.Module, int], list] | None = None) -> Path:
     """Train (or resume, or fine-tune from cfg.init) and return the checkpoint directory out/model.
 
     `sample_weights(ids) -> float[len(ids)]` weights each training sample's loss (overrides
-    cfg.weights); `on_step(step, row)` is called after every logged step.
+    cfg.weights); `on_step(step, row)` is called after every logged step; `online_batches(model,
+    step)` -> [(tokens, weights)] replaces the data's samples with batches chosen by the model as it
+    trains (RHO-down; a function of the step and the weights, so a resumed run stays exact).
     """
     out = Path(cfg.out)
     device = resolve_device(cfg.device)
@@ -401,12 +434,16 @@ def train(cfg: TrainConfig, sample_weights: SampleWeights | None = None,
     if first_step >= steps:
         return out / "model"
 
-    batches = step_batches(run.samples, cfg, first_step, steps, run.weights_of, pin=device.type == "cuda")
+    if online_batches is None:
+        batches = step_batches(run.samples, cfg, first_step, steps, run.weights_of, pin=device.type == "cuda")
+    else:  # chosen right before each step, by the model the previous step left
+        batches = (online_batches(model, step) for step in range(first_step, steps))
     with open(log_path, "a") as log_file, closing(batches), progress(total=steps, initial=first_step, desc="train",
                                                                      unit="step") as bar:
         for step, micro_batches in enumerate(batches, first_step):
             lr = learning_rate(cfg, step, steps)
-            loss, grad_norm = train_step(model, optimizer, micro_batches, lr, cfg.grad_clip, device, cfg.precision)
+            loss, grad_norm = train_step(model, optimizer, micro_batches, lr, cfg.grad_clip, device, cfg.precision,
+                                         cfg.z_loss)
             done = step + 1
             row = {"step": done, "loss": loss, "lr": lr, "tokens": done * tokens_per_step(cfg, model),
                    "grad_norm": grad_norm}

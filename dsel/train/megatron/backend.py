@@ -128,7 +128,7 @@ def make_optimizer(ddp, cfg: TrainConfig, bf16: bool):
 
     config = OptimizerConfig(
         optimizer="adam" if cfg.optimizer == "adamw" else "sgd", lr=cfg.lr, min_lr=cfg.min_lr,
-        weight_decay=cfg.weight_decay, adam_beta1=cfg.beta1, adam_beta2=cfg.beta2, sgd_momentum=0.0,
+        weight_decay=cfg.weight_decay, adam_beta1=cfg.beta1, adam_beta2=cfg.beta2, adam_eps=cfg.adam_eps, sgd_momentum=0.0,
         clip_grad=cfg.grad_clip, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
     )
