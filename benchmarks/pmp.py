@@ -16,8 +16,8 @@ multiplier m; solver FLOPs ~= outer_epochs * T * m * 6 * proxy_params * tokens_p
   python benchmarks/pmp.py --batch 64 --out pmp.json
   python benchmarks/pmp.py --mode ranks --ranks 1,2 --steps 2  # a solve's step time on 1 vs 2 torchrun ranks
   python benchmarks/pmp.py --mode stability --prior runs/quickstart/prior/model \
-      --proxy runs/quickstart/pds/proxy/proxy --target-data runs/quickstart/tokenize/target --target 0 \
-      --steps 20 --batch 16          # rank agreement of 2 solver seeds
+      --proxy runs/quickstart/pds/proxy/proxy --target-data runs/quickstart/tokenize/target \
+      --target 32 --steps 20 --batch 16      # rank agreement of 2 solver seeds
 
 Rank stability: in SGD mode the batch order is random, so two solver seeds give two G's; the Spearman
 correlation between them says how much of a window's score is the window and how much the draw. The
@@ -62,7 +62,7 @@ def naive_dots(solver, theta, ids, co_state):
 def fused_dots(solver, theta, ids, co_state):
     """grad l(x_n)·lambda for the batch by the solver's forward-mode pass."""
     out = np.zeros(solver.num_examples)
-    solver.accumulate_dots(theta, 0, co_state, out)
+    solver.accumulate_dots(theta, 0, co_state, out, np.full(solver.num_examples, 1.0 / solver.num_examples))
     return out[ids] * len(ids) / solver.num_examples  # undo the solver's batch-to-epoch scale
 
 
@@ -93,7 +93,7 @@ def main(argv=None):
     p.add_argument("--target-data", help="--mode stability: target data prefix or jsonl")
     p.add_argument("--seeds", default="0,1", help="--mode stability: the two solver seeds")
     p.add_argument("--score-every", type=int, default=5, help="--mode stability: k of the fixed-step estimator")
-    p.add_argument("--lr", type=float, default=0.5, help="inner learning rate (--mode stability, ranks)")
+    p.add_argument("--lr", type=float, default=0.1, help="inner learning rate (--mode stability, ranks; the solver default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=32, help="proxy windows per inner step")
     p.add_argument("--micro-batch", type=int, default=16)

@@ -293,3 +293,25 @@ def test_fp32_solver_with_fused_kernels_matches_fp64():
     dots, objective32 = solver32.gamma_gradient(gamma)
     np.testing.assert_allclose(dots, expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
     assert objective32 == pytest.approx(objective, rel=1e-5)
+
+
+@pytest.mark.parametrize("batch_size,score_every", [(0, 0), (2, 2)])
+def test_proxy_loss_is_tracked_and_a_non_descending_inner_training_stops(batch_size, score_every, monkeypatch):
+    """The gamma-weighted proxy loss is recorded where all of it is known (every step in full batch, the
+    scored steps of the fixed-step estimator), equals the reference at theta_0, and a step size under which it
+    does not fall stops the solve with one line naming solver.lr (full batch: before the backward pass)."""
+    model, proxy, target, cfg, solver, gamma = _setup(batch_size=batch_size, steps=5, score_every=score_every)
+    solver.gamma_gradient(gamma)
+    expected_steps = range(5) if batch_size == 0 else range(0, 5, score_every)
+    assert sorted(solver.proxy_loss) == list(expected_steps)
+    with torch.no_grad():
+        own = {k: v for k, v in model.named_parameters()}
+        at_start = float((torch.as_tensor(gamma) * reference_losses(model, own, torch.as_tensor(proxy))).sum())
+    assert solver.proxy_loss[0] == pytest.approx(at_start, rel=1e-10)
+    assert solver.proxy_loss[max(solver.proxy_loss)] < at_start
+
+    solver.config.lr = 60.0
+    if batch_size == 0:
+        monkeypatch.setattr(PMPSolver, "backward", lambda *a: pytest.fail("backward ran after a failed descent"))
+    with pytest.raises(DselError, match=r"inner training does not descend: .* in outer epoch 0.*lower solver.lr \(now 60"):
+        solver.gamma_gradient(gamma)

@@ -83,6 +83,7 @@ class EpochResult:
     G: np.ndarray
     objective: float
     gamma: np.ndarray
+    proxy_loss: dict[int, float]  # the gamma-weighted proxy loss at the inner steps where all of it is known
 
 
 class PMPSolver:
@@ -112,6 +113,7 @@ class PMPSolver:
         self.rank, self.world = _rank_and_world()
         self.show_progress = show_progress and self.rank == 0
         self.epoch = 0
+        self.proxy_loss: dict[int, float] = {}  # this epoch's gamma-weighted proxy loss by inner step
 
     @property
     def num_examples(self) -> int:
@@ -126,18 +128,21 @@ class PMPSolver:
     def step(self, theta: Params, t: int, gamma: np.ndarray) -> Params:
         """theta_{t+1} from theta_t: one (S)GD step on the gamma-weighted loss of batch B_t."""
         grad = zeros_like(theta)
-        total_loss = 0.0
+        total_loss = weighted_loss = 0.0
         for tokens, weights, _ in self._micro_batches(self.batches[t], gamma):
             g, losses = self.lm.gradient(theta, tokens, weights)
             grad = axpy(1.0, g, grad)
             total_loss += float(losses.sum())
-        grad, (total_loss,) = self._all_reduce(grad, total_loss)
+            weighted_loss += float((weights * losses).sum())
+        grad, (total_loss, weighted_loss) = self._all_reduce(grad, total_loss, weighted_loss)
         mean_loss = total_loss / len(self.batches[t])
         if not np.isfinite(mean_loss) or not all_finite(grad):
             raise DselError(
                 f"PDS solve: the proxy training loss is {mean_loss} at inner step {t} of outer epoch "
                 f"{self.epoch}; lower solver.lr or check the proxy model"
             )
+        if self.full_batch:
+            self.proxy_loss[t] = weighted_loss
         return axpy(-self.config.lr, grad, theta)
 
     def forward(self, gamma: np.ndarray) -> dict[int, Params]:
@@ -183,37 +188,53 @@ class PMPSolver:
             return np.arange(len(self.proxy)), 1.0
         return np.arange(0), 0.0
 
-    def accumulate_dots(self, theta: Params, t: int, co_state: Params, out: np.ndarray) -> None:
-        """out[n] += factor * grad l(x_n, theta_t) . lambda_{t+1} for this rank's share of step t's scored windows."""
+    def accumulate_dots(self, theta: Params, t: int, co_state: Params, out: np.ndarray, gamma: np.ndarray) -> float:
+        """out[n] += factor * grad l(x_n, theta_t) . lambda_{t+1} for this rank's share of step t's scored windows;
+        returns this rank's share of sum_n gamma_n l(x_n, theta_t) over them."""
         ids, scale = self.scored_windows(t)
+        weighted_loss = 0.0
         for chunk in self._my_chunks(ids):
-            _, dots = self.lm.example_dots(theta, self.proxy[chunk].to(self.device), co_state)
+            losses, dots = self.lm.example_dots(theta, self.proxy[chunk].to(self.device), co_state)
             out[chunk] += scale * dots.double().cpu().numpy()
+            weighted_loss += float((torch.as_tensor(gamma[chunk]) * losses.double().cpu()).sum())
+        return weighted_loss
 
     def backward(self, gamma: np.ndarray, kept: dict[int, Params]) -> tuple[np.ndarray, float]:
         """G (the gamma ascent direction) and the objective sum_{t=1..T} J(theta_t)."""
         k, steps = self.config.checkpoint_every, self.config.steps
         objective, co_state = self.target_gradient(self._load(kept[steps]))
         dots = np.zeros(len(self.proxy), dtype=np.float64)
+        scored_loss: dict[int, float] = {}
         bar = progress(total=steps, desc=f"pds epoch {self.epoch} backward", disable=not self.show_progress)
         for start in reversed(range(0, steps, k)):
             segment = self._recompute_segment(kept[start], start, min(start + k, steps), gamma)
             for t in reversed(range(start, start + len(segment))):
                 theta = segment.pop()
-                self.accumulate_dots(theta, t, co_state, dots)
+                loss = self.accumulate_dots(theta, t, co_state, dots, gamma)
+                if self.estimator == "fixed-step" and t % self.config.score_every == 0:
+                    scored_loss[t] = loss
                 if t > 0:
                     loss, grad_j = self.target_gradient(theta)
                     objective += loss
                     co_state = self._co_state_step(theta, t, gamma, co_state, grad_j)
                 bar.update(1)
         bar.close()
+        if scored_loss:
+            steps_scored = sorted(scored_loss)
+            totals = self._all_reduce_array(np.array([scored_loss[t] for t in steps_scored]))
+            self.proxy_loss.update(zip(steps_scored, map(float, totals)))
         return self._all_reduce_array(dots), objective
 
     def gamma_gradient(self, gamma: np.ndarray) -> tuple[np.ndarray, float]:
         """One forward and backward pass at `gamma`: (G, objective)."""
         gamma = self._check_gamma(gamma)
+        self.proxy_loss = {}
         with tf32_matmuls(self.config.tf32 and self.device.type == "cuda"):
-            return self.backward(gamma, self.forward(gamma))
+            kept = self.forward(gamma)
+            check_descent(self.proxy_loss, self.epoch, self.config.lr)  # full batch: before the costly backward
+            G, objective = self.backward(gamma, kept)
+            check_descent(self.proxy_loss, self.epoch, self.config.lr)  # fixed-step SGD: from the scored steps
+            return G, objective
 
     def solve(
         self,
@@ -233,9 +254,9 @@ class PMPSolver:
             gamma = gamma_step(gamma, G, self.config.alpha)
             if self.config.target_kind == "gamma" or epoch + 1 < self.config.outer_epochs:
                 check_zero_weights(gamma, epoch)
-            log.info("pds epoch %d: objective sum_t J(theta_t) = %.6f, G std %.3g, gamma zeros %d",
-                     epoch, objective, G.std(), int((gamma == 0).sum()))
-            results.append(EpochResult(G, objective, gamma))
+            log.info("pds epoch %d: objective sum_t J(theta_t) = %.6f, proxy loss %s, G std %.3g, gamma zeros %d",
+                     epoch, objective, _loss_span(self.proxy_loss), G.std(), int((gamma == 0).sum()))
+            results.append(EpochResult(G, objective, gamma, dict(self.proxy_loss)))
             if on_epoch is not None:
                 on_epoch(epoch, results[-1])
         return results
@@ -318,6 +339,29 @@ def check_spread(values: np.ndarray, what: str) -> None:
         raise DselError(f"PDS solve: {what} has no spread over the {len(values)} proxy windows (std {std:.3g}, "
                         f"max |value| {largest:.3g}); the target loss does not respond to the proxy data: raise "
                         "solver.lr or solver.steps, or check that target and proxy share a tokenizer")
+
+
+def check_descent(proxy_loss: dict[int, float], epoch: int, lr: float) -> None:
+    """Refuse an inner training whose proxy loss ends no lower than it started.
+
+    G differentiates the target loss along the inner trajectory; when (S)GD on the proxy objective does not
+    even lower that objective the step size is beyond the stable range (the trajectory oscillates) and G's
+    sign follows the oscillation, not the data. Compared where the whole weighted proxy loss is known: every
+    step in full-batch mode, the fixed steps of the SGD estimator (not checked with score_every=0)."""
+    if len(proxy_loss) < 2:
+        return
+    first, last = min(proxy_loss), max(proxy_loss)
+    if not proxy_loss[last] < proxy_loss[first]:
+        raise DselError(f"PDS solve: the inner training does not descend: its proxy loss went from "
+                        f"{proxy_loss[first]:.4f} at step {first} to {proxy_loss[last]:.4f} at step {last} in outer "
+                        f"epoch {epoch}, so G would follow an unstable trajectory; lower solver.lr (now {lr})")
+
+
+def _loss_span(proxy_loss: dict[int, float]) -> str:
+    if not proxy_loss:
+        return "not tracked (score_every=0)"
+    first, last = min(proxy_loss), max(proxy_loss)
+    return f"{proxy_loss[first]:.4f} (step {first}) -> {proxy_loss[last]:.4f} (step {last})"
 
 
 def zscore(values: np.ndarray) -> np.ndarray:
