@@ -163,6 +163,7 @@ def report(args, config, device, timings, agreement):
 def rank_stability(args):
     """Spearman between the G of two solver seeds (SGD mode), exact vs fixed-step estimator."""
     from dsel.color.scorer import ScoredModel
+    from dsel.errors import DselError
     from dsel.models.checkpoint import load_model
     from dsel.pds.commands import SolveConfig, load_target_examples, load_tokens
     from dsel.pds.fit import spearman
@@ -178,18 +179,25 @@ def rank_stability(args):
     for name, every in (("exact (score_every=0)", 0), (f"fixed-step (score_every={args.score_every})", args.score_every)):
         start = time.perf_counter()
         G = []
-        for seed in seeds:
-            cfg = SolverConfig(steps=args.steps, lr=args.lr, batch_size=args.batch, score_every=every, seed=seed,
-                               micro_batch=args.micro_batch)
-            G.append(PMPSolver(model, proxy, target, cfg, device=args.device, show_progress=False).gamma_gradient(
-                np.full(len(proxy), 1.0 / len(proxy)))[0])
+        try:
+            for seed in seeds:
+                cfg = SolverConfig(steps=args.steps, lr=args.lr, batch_size=args.batch, score_every=every,
+                                   seed=seed, micro_batch=args.micro_batch)
+                G.append(PMPSolver(model, proxy, target, cfg, device=args.device, show_progress=False)
+                         .gamma_gradient(np.full(len(proxy), 1.0 / len(proxy)))[0])
+        except DselError as refused:  # e.g. an lr beyond the stable range: the solve stops, so no ranks to compare
+            rows[name] = {"refused": str(refused), "seconds": time.perf_counter() - start}
+            continue
         rows[name] = {"spearman_between_seeds": spearman(G[0], G[1]), "seconds": time.perf_counter() - start,
                       "zero_windows": int(sum((g == 0).sum() for g in G))}
     print(f"rank stability: {len(proxy)} proxy windows of {window} tokens, {len(target)} target examples, "
           f"T={args.steps}, batch {args.batch}, lr {args.lr}, seeds {seeds}")
     print(f"{'estimator':<36}{'Spearman(seed a, seed b)':>26}{'seconds':>10}")
     for name, row in rows.items():
-        print(f"{name:<36}{row['spearman_between_seeds']:>26.3f}{row['seconds']:>10.1f}")
+        if "refused" in row:
+            print(f"{name:<36}{'refused by the solve':>26}{row['seconds']:>10.1f}  ({row['refused']})")
+        else:
+            print(f"{name:<36}{row['spearman_between_seeds']:>26.3f}{row['seconds']:>10.1f}")
     write_json(args.out, {"mode": "stability", "settings": vars(args), "estimators": rows})
     return rows
 

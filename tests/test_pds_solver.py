@@ -313,5 +313,5 @@ def test_proxy_loss_is_tracked_and_a_non_descending_inner_training_stops(batch_s
     solver.config.lr = 60.0
     if batch_size == 0:
         monkeypatch.setattr(PMPSolver, "backward", lambda *a: pytest.fail("backward ran after a failed descent"))
-    with pytest.raises(DselError, match=r"inner training does not descend: .* in outer epoch 0.*lower solver.lr \(now 60"):
+    with pytest.raises(DselError, match=r"inner training does not descend: its proxy loss rose from .* in outer epoch 0.*lower solver.lr \(now 60"):
         solver.gamma_gradient(gamma)

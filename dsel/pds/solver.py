@@ -51,6 +51,7 @@ from dsel.pds.simplex import project_to_simplex
 log = logging.getLogger(__name__)
 
 TargetKind = Literal["zscore", "gamma"]
+DESCENT_TOLERANCE = 1e-5  # relative rise of the proxy loss below which it counts as flat (fp32 rounding)
 ZERO_WEIGHT_LIMIT = 0.5  # a projected gamma with more windows at zero leaves the scorer too little to learn
 
 
@@ -342,19 +343,22 @@ def check_spread(values: np.ndarray, what: str) -> None:
 
 
 def check_descent(proxy_loss: dict[int, float], epoch: int, lr: float) -> None:
-    """Refuse an inner training whose proxy loss ends no lower than it started.
+    """Refuse an inner training whose proxy loss rises between two steps where it is tracked.
 
-    G differentiates the target loss along the inner trajectory; when (S)GD on the proxy objective does not
-    even lower that objective the step size is beyond the stable range (the trajectory oscillates) and G's
-    sign follows the oscillation, not the data. Compared where the whole weighted proxy loss is known: every
-    step in full-batch mode, the fixed steps of the SGD estimator (not checked with score_every=0)."""
-    if len(proxy_loss) < 2:
-        return
-    first, last = min(proxy_loss), max(proxy_loss)
-    if not proxy_loss[last] < proxy_loss[first]:
-        raise DselError(f"PDS solve: the inner training does not descend: its proxy loss went from "
-                        f"{proxy_loss[first]:.4f} at step {first} to {proxy_loss[last]:.4f} at step {last} in outer "
-                        f"epoch {epoch}, so G would follow an unstable trajectory; lower solver.lr (now {lr})")
+    G differentiates the target loss along the inner trajectory. Within the stable step-size range (S)GD
+    lowers the whole weighted proxy loss at every tracked step (measured on the quickstart prior: monotone at
+    lr 0.05 and 0.1 in full-batch and SGD mode); beyond it the loss bumps up (lr 0.2: +0.2% for one step),
+    the trajectory oscillates, and G follows the oscillation, not the data: the Spearman between two solver
+    seeds falls from 0.97 at lr 0.1 to 0.29 at lr 0.2 and -0.30 at lr 0.5. Tracked at every step in
+    full-batch mode, at the scored steps of the fixed-step SGD estimator, not with score_every=0. A rise
+    within fp32 rounding (DESCENT_TOLERANCE, relative) is not counted."""
+    steps = sorted(proxy_loss)
+    for before, after in zip(steps, steps[1:]):
+        if proxy_loss[after] > proxy_loss[before] * (1 + DESCENT_TOLERANCE):
+            raise DselError(f"PDS solve: the inner training does not descend: its proxy loss rose from "
+                            f"{proxy_loss[before]:.4f} at step {before} to {proxy_loss[after]:.4f} at step {after} "
+                            f"in outer epoch {epoch}, so G would follow an unstable trajectory; lower solver.lr "
+                            f"(now {lr})")
 
 
 def _loss_span(proxy_loss: dict[int, float]) -> str:
