@@ -69,7 +69,8 @@ class ColorFinetuneConfig:
     """
 
     prior: str = option(help="prior model checkpoint to start from")
-    target: str = option(help="target data: a .jsonl file of texts, or a Megatron dataset prefix")
+    target: str = option(help="target data: a .jsonl file of texts, or a tokenized corpus (Megatron prefix, "
+                                   "token file or directory of dolma token files)")
     out: str = option(help="checkpoint directory of the conditional model")
     text_key: str = option("text", "jsonl field holding the text")
     tokenizer: Optional[str] = option(None, "tokenizer for jsonl targets (sentencepiece .model, tokenizer.json or "
@@ -119,6 +120,10 @@ def random_slice(prefix: str, fraction: float, seed: int, out_prefix: str) -> st
         raise DselError(f"fraction must be in (0, 1], got {fraction}")
     if fraction == 1:
         return prefix
+    from dsel.data.corpus import open_corpus
+
+    if not isinstance(open_corpus(prefix), IndexedDataset):
+        raise DselError(f"{prefix}: fraction={fraction} slices a Megatron dataset; token files train whole (fraction=1)")
     num_documents = IndexedDataset(prefix).num_documents
     count = max(1, round(fraction * num_documents))
     ids = np.sort(np.random.default_rng(seed).choice(num_documents, size=count, replace=False))
@@ -195,10 +200,12 @@ def target_documents(cfg: ColorFinetuneConfig, prior) -> tuple[list, int]:
         pad = getattr(tokenizer, "pad_id", None)
         return tokenize_texts(read_jsonl_texts(cfg.target, cfg.text_key), tokenizer), (
             pad if pad is not None and pad >= 0 else tokenizer.eod_id)
-    from dsel.data.meta import read_meta
+    from dsel.data.corpus import sidecar_prefix
+    from dsel.data.meta import meta_path, read_meta
 
-    check_data_matches(cfg.target, [prior])
-    eod = read_meta(cfg.target)["eod_id"] if Path(f"{cfg.target}.meta.json").is_file() else 0
+    prefix = sidecar_prefix(cfg.target)
+    check_data_matches(prefix, [prior])
+    eod = read_meta(prefix)["eod_id"] if Path(meta_path(prefix)).is_file() else 0
     return dataset_documents(cfg.target), eod
 
 

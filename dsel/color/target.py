@@ -52,14 +52,10 @@ def tokenize_texts(texts: Sequence[str], tokenizer) -> list[np.ndarray]:
 
 
 def dataset_documents(prefix: str) -> list[np.ndarray]:
-    """Every document of a Megatron indexed dataset as one token array."""
-    from dsel.data.indexed import IndexedDataset
+    """Every document of a tokenized corpus (dsel.data.corpus) as one int64 token array."""
+    from dsel.data.corpus import corpus_documents, open_corpus
 
-    dataset = IndexedDataset(prefix)
-    bounds = dataset.document_indices
-    docs = [np.concatenate([dataset[i] for i in range(bounds[d], bounds[d + 1])]).astype(np.int64)
-            for d in range(len(bounds) - 1)]
-    docs = [d for d in docs if len(d)]
+    docs = [d.astype(np.int64) for d in corpus_documents(open_corpus(prefix)) if len(d)]
     if not docs:
         raise DselError(f"{prefix}: target dataset has no tokens")
     return docs

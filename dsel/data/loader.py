@@ -189,28 +189,25 @@ class GPTSampleLoader:
 
 
 class WindowSampleLoader:
-    """Training samples that are whole selected windows: sample i is one document of a selection.
+    """Training samples that are whole windows (of W = seq_len + 1 tokens): sample i is one window.
 
-    A selection (`dsel select`) holds windows of W = seq_len + 1 tokens, one per document. Megatron's
-    sample index would cut that stream every seq_len tokens with one token shared between
-    neighbours, so nearly every sample would join two unrelated windows; here each sample is exactly
-    one window instead. Epoch e visits every window once in the order of a numpy RandomState(seed)
-    permutation (drawn epoch after epoch), so the data position is a function of the sample id alone.
+    A selection (`dsel select`) holds such windows, one per document; token files (OLMo/dolma) are
+    cut into them file by file, as OLMo's MemMapDataset does. Megatron's sample index would cut the
+    stream every seq_len tokens with one token shared between neighbours, so nearly every sample of
+    a selection would join two unrelated windows; here each sample is exactly one window instead.
+    Epoch e visits every window once in the order of a numpy RandomState(seed) permutation (drawn
+    epoch after epoch), so the data position is a function of the sample id alone.
     `batch(ids)` has GPTSampleLoader's contract ([B, seq_len+1] int64).
     """
 
-    def __init__(self, dataset: IndexedDataset, seq_len: int, seed: int, num_samples: int):
-        window = seq_len + 1
-        if len(dataset) == 0 or not np.all(dataset.sizes == window):
-            raise DselError(f"{dataset.prefix}: a selection of windows must hold only documents of "
-                            f"seq_len+1 = {window} tokens")
-        self.dataset, self.seq_len, self.num_samples = dataset, seq_len, num_samples
-        self.windows = Windows(dataset, window)
+    def __init__(self, windows: Windows, seed: int, num_samples: int):
+        self.windows, self.seq_len, self.num_samples = windows, windows.window - 1, num_samples
+        count = len(windows)
         rng = np.random.RandomState(seed)
-        epochs = -(-num_samples // len(dataset))
+        epochs = -(-num_samples // count)
         self.epochs = epochs
-        dtype = np.int32 if len(dataset) < 2**31 else np.int64  # 4 bytes a sample at 1e8+ samples
-        self.order = np.concatenate([rng.permutation(len(dataset)).astype(dtype) for _ in range(epochs)])[:num_samples]
+        dtype = np.int32 if count < 2**31 else np.int64  # 4 bytes a sample at 1e8+ samples
+        self.order = np.concatenate([rng.permutation(count).astype(dtype) for _ in range(epochs)])[:num_samples]
 
     def window_of(self, ids: Sequence[int]) -> np.ndarray:
         """The selected window (document id of the dataset) each sample id trains on."""

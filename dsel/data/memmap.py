@@ -3,16 +3,21 @@
 A file that starts with NumPy's `.npy` magic is not headerless: its header is parsed (a 1-D,
 C-order uint16/uint32 array; its dtype wins over `memmap_dtype`) and the tokens start after it;
 any other .npy is refused, so a header is never read as tokens.
+
+`dolma tokens` writes beside each `<stem>.npy` a `<stem>.csv.gz` (no header) with one row per
+document: `start,end,id,src,loc` (token offsets, end exclusive, back to back). When it is present
+the documents and their ids come from it, checked against the token file.
 """
 from __future__ import annotations
 
 import os
+import re
 from functools import cached_property
 from typing import Iterable
 
 import numpy as np
 
-from dsel.errors import DselError
+from dsel.errors import DselError, file_error
 from dsel.io import atomic_path
 from dsel.data.indexed import check_vocab
 from dsel.data.native import _C, native_errors
@@ -36,8 +41,9 @@ def _memmap_dtype(dtype) -> np.dtype:
 class MemmapTokens:
     """A memory-mapped headerless token file viewed as one token stream.
 
-    `eos_id` marks document ends (a document runs up to and including its EOS); without it the
-    whole file counts as one document.
+    Documents come from the dolma metadata `<stem>.csv.gz` beside the file when there is one (and
+    `doc_ids` then holds their ids); else `eos_id` marks document ends (a document runs up to and
+    including its EOS); with neither the whole file counts as one document.
     """
 
     def __init__(self, path: str | os.PathLike, dtype=np.uint16, eos_id: int | None = None, vocab_size: int | None = None):
@@ -53,6 +59,11 @@ class MemmapTokens:
             with native_errors():
                 self._native = _C.RawTokens(self.path, self.dtype.itemsize)
             self.stream = self._native.tokens()
+        self.metadata_path = dolma_metadata_path(self.path)
+        self.doc_ids: list[str] | None = None
+        self._metadata_starts = None
+        if os.path.isfile(self.metadata_path):
+            self._metadata_starts, self.doc_ids = read_dolma_metadata(self.metadata_path, len(self.stream))
         if vocab_size is not None:
             self.check_tokens(vocab_size)
 
@@ -66,6 +77,8 @@ class MemmapTokens:
     @cached_property
     def document_starts(self) -> np.ndarray:
         """Stream position where each document starts (int64, first is 0)."""
+        if self._metadata_starts is not None:
+            return self._metadata_starts
         if self.eos_id is None:
             return np.zeros(1, dtype=np.int64)
         with native_errors():
@@ -92,6 +105,39 @@ class MemmapTokens:
 
     def __repr__(self) -> str:
         return f"MemmapTokens({self.path!r}, {self.num_tokens} tokens, {self.dtype})"
+
+
+def dolma_metadata_path(path: str) -> str:
+    """Where dolma writes a token file's document metadata: `<stem>.csv.gz` for `<stem>.npy` (or .bin)."""
+    return re.sub(r"\.(npy|bin)$", "", str(path)) + ".csv.gz"
+
+
+def read_dolma_metadata(path: str, num_tokens: int) -> tuple[np.ndarray, list[str]]:
+    """(document starts, document ids) from a dolma `.csv.gz` (rows of start,end,id,...), checked to
+    tile the token file's `num_tokens` tokens back to back."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    try:
+        table = pacsv.read_csv(path, read_options=pacsv.ReadOptions(autogenerate_column_names=True),
+                               convert_options=pacsv.ConvertOptions(
+                                   column_types={"f0": pa.int64(), "f1": pa.int64(), "f2": pa.string()}))
+    except (pa.ArrowException, OSError, EOFError) as e:
+        raise file_error(path, f"not a dolma metadata file of start,end,id rows ({str(e).splitlines()[0]})") from None
+    if table.num_columns < 3:
+        raise file_error(path, f"rows have {table.num_columns} columns; dolma metadata rows are start,end,id,...")
+    start, end = (table.column(k).to_numpy(zero_copy_only=False).astype(np.int64) for k in ("f0", "f1"))
+    expected_start = np.concatenate([[0], end[:-1]])
+    bad = np.flatnonzero((start != expected_start) | (end <= start))
+    if len(bad):
+        row = int(bad[0])
+        raise file_error(path, f"row {row + 1} spans tokens [{start[row]}, {end[row]}) but should start at "
+                               f"{expected_start[row]} and be non-empty; it does not describe its token file")
+    if end[-1] != num_tokens:
+        raise file_error(path, f"its documents end at token {end[-1]} but the token file holds {num_tokens} tokens; "
+                               "it does not describe its token file")
+    ids = table.column("f2").to_pylist()
+    return start, [str(i) for i in ids]
 
 
 def npy_header(path: str) -> tuple[np.dtype, int] | None:

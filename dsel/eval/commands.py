@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class EvalLossConfig:
     model: str = option(help="GPT checkpoint directory", aliases=("checkpoint",))
-    data: dict[str, str] = option(help="validation sets, name: Megatron dataset prefix (e.g. one per domain)")
+    data: dict[str, str] = option(help="validation sets, name: corpus (Megatron prefix, token file or directory "
+                                       "of dolma token files; e.g. one per domain)")
     out: str = option("", "JSON file of the losses; '' = <model>/heldout_loss.json")
     window: int = option(0, "tokens per window; 0 = the model's seq_len + 1")
     batch_size: int = option(16, "windows per forward pass")

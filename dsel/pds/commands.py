@@ -36,7 +36,7 @@ from dsel.score.commands import open_windows
 
 log = logging.getLogger(__name__)
 
-DATA_HELP = "Megatron dataset prefix (.idx/.bin) or headerless token file (.bin/.npy)"
+DATA_HELP = "Megatron dataset prefix (.idx/.bin), token file (.bin/.npy) or directory/glob of dolma token files"
 JSONL_SUFFIXES = (".jsonl", ".json")
 
 

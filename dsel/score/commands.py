@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ScoreCommandConfig:
-    corpus: str = option(help="corpus: Megatron dataset prefix (.idx/.bin) or headerless token file (.bin/.npy)")
+    corpus: str = option(help="corpus: Megatron dataset prefix (.idx/.bin), token file (.bin/.npy) or a directory/glob of "
+                                   "dolma token files")
     window: int = option(help="tokens per window (window i = tokens [i*window, (i+1)*window) of the corpus)")
     scorer: str = option(help="registered scorer name (pds, color) or module:function of a builder")
     settings: dict[str, Any] = option({}, "the scorer's settings, e.g. settings.model=DIR for pds")
@@ -44,25 +45,12 @@ class ScoreMergeConfig:
 
 
 def open_windows(path: str, window: int, memmap_dtype: str):
-    """Windows over a Megatron prefix (also given as prefix.bin) or a headerless .bin/.npy token file.
-
-    A token file's documents end at the EOD id of its `<stem>.meta.json` when there is one.
-    """
-    from dsel.data.indexed import IndexedDataset, dataset_exists
-    from dsel.data.memmap import MemmapTokens
-    from dsel.data.meta import meta_path, read_meta
+    """Windows over any corpus dsel.data.corpus.open_corpus opens (a Megatron prefix, a token file, a
+    directory or glob of dolma token files)."""
+    from dsel.data.corpus import open_corpus
     from dsel.data.windows import Windows
 
-    stem = path[:-4] if path.endswith((".bin", ".idx", ".npy")) else path
-    if dataset_exists(path):
-        return Windows(IndexedDataset(path), window)
-    if dataset_exists(stem) and not path.endswith(".npy"):
-        return Windows(IndexedDataset(stem), window)
-    if path.endswith((".bin", ".npy")) and Path(path).is_file():
-        eos_id = read_meta(stem)["eod_id"] if Path(meta_path(stem)).is_file() else None
-        return Windows(MemmapTokens(path, memmap_dtype, eos_id=eos_id), window)
-    raise DselError(f"{path}: corpus not found (expected a Megatron dataset {path}.idx + {path}.bin, "
-                    "or a headerless .bin/.npy token file)")
+    return Windows(open_corpus(path, memmap_dtype), window)
 
 
 def check_scorer_tokenizer(scorer, windows) -> None:

@@ -30,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dsel.data.docids import doc_ids_path, domains_path, read_doc_ids, read_document_strings
-from dsel.data.windows import Windows, corpus_prefix, source_name
+from dsel.data.docids import domains_path, read_document_strings
+from dsel.data.windows import Windows, corpus_digest, corpus_prefix, document_ids, source_name
 from dsel.errors import DselError, file_error
-from dsel.io import atomic_path, dataset_digest, output_lock, progress, read_json, require_file, write_json
+from dsel.io import atomic_path, output_lock, progress, read_json, require_file, write_json
 from dsel.score.stats import column_stats, score_histogram, table_stats
 
 log = logging.getLogger(__name__)
@@ -46,10 +46,10 @@ DEFAULT_SHARD_BATCHES = 64  # shard_size=None: this many batches per shard
 # ----- the job: what is scored, and its fingerprint --------------------------------------------------
 def corpus_info(source) -> dict:
     """Enough to reopen the corpus for a later merge, and to notice it changed."""
-    kind = "indexed" if hasattr(source, "prefix") else "memmap"
-    return {"kind": kind, "path": os.path.abspath(source_name(source)), "tokens": int(len(source.stream)),
+    kind = "indexed" if hasattr(source, "prefix") else "dolma" if hasattr(source, "files") else "memmap"
+    return {"kind": kind, "path": os.path.abspath(source_name(source)), "tokens": int(source.num_tokens),
             "dtype": np.dtype(source.dtype).str, "eos_id": getattr(source, "eos_id", None),
-            "digest": dataset_digest(source_name(source))}
+            "digest": corpus_digest(source)}
 
 
 def plain_json(obj):
@@ -302,6 +302,7 @@ def finish(out: Path, windows: Windows, rank: int) -> Path:
 # ----- merge -----------------------------------------------------------------------------------------
 def reopen_windows(job: dict) -> Windows:
     """The job's windows, reopened from the corpus recorded in job.json (checked unchanged)."""
+    from dsel.data.dolma import DolmaTokens
     from dsel.data.indexed import IndexedDataset
     from dsel.data.memmap import MemmapTokens
 
@@ -309,11 +310,12 @@ def reopen_windows(job: dict) -> Windows:
     if corpus["kind"] == "indexed":
         source = IndexedDataset(corpus["path"])
     else:
-        source = MemmapTokens(corpus["path"], corpus["dtype"], corpus["eos_id"])
-    if len(source.stream) != corpus["tokens"]:
-        raise file_error(corpus["path"], f"has {len(source.stream)} tokens but was scored with {corpus['tokens']}; "
+        kind = DolmaTokens if corpus["kind"] == "dolma" else MemmapTokens
+        source = kind(corpus["path"], corpus["dtype"], corpus["eos_id"])
+    if source.num_tokens != corpus["tokens"]:
+        raise file_error(corpus["path"], f"has {source.num_tokens} tokens but was scored with {corpus['tokens']}; "
                                          "the corpus changed since scoring")
-    if corpus.get("digest") not in (None, dataset_digest(corpus["path"])):
+    if corpus.get("digest") not in (None, corpus_digest(source)):
         raise file_error(corpus["path"], "content differs from the corpus that was scored (digest); the corpus "
                                          "changed since scoring")
     return Windows(source, job["window"])
@@ -371,7 +373,7 @@ def document_labels(windows: Windows, meta: dict) -> tuple[list[str] | None, lis
     one `meta["domain"]` for the whole corpus); None where unknown."""
     source = windows.source
     prefix = corpus_prefix(source)
-    doc_ids = read_doc_ids(prefix, source.num_documents) if Path(doc_ids_path(prefix)).is_file() else None
+    doc_ids = document_ids(source)
     if Path(domains_path(prefix)).is_file():
         domains = read_document_strings(domains_path(prefix), source.num_documents)
     elif isinstance(meta.get("domain"), str):
@@ -459,11 +461,7 @@ def read_scores(path, columns: list[str] = ()):
 # ----- per-document scores -----------------------------------------------------------------------------
 def window_document_overlaps(windows: Windows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(window, doc, tokens) of every non-empty intersection of a window with a document."""
-    end = len(windows) * windows.window
-    starts = windows.source.document_starts
-    cuts = np.union1d(np.arange(0, end, windows.window, dtype=np.int64), starts[starts < end])
-    lengths = np.diff(np.append(cuts, end))
-    return cuts // windows.window, windows.source.document_of_token(cuts), lengths
+    return windows.document_overlaps()
 
 
 def doc_score_table(windows: Windows, columns: dict[str, np.ndarray], doc_ids, domains):

@@ -24,7 +24,7 @@ import numpy as np
 from dsel.cli import Command
 from dsel.config import option
 from dsel.errors import DselError
-from dsel.io import (atomic_path, check_free_space, dataset_digest, file_digest, publish_dir, write_json,
+from dsel.io import (atomic_path, check_free_space, file_digest, publish_dir, write_json,
                      writes_output)
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,8 @@ DEFAULT_TAU = 16.0  # CoLoR-Filter's headline setting
 @dataclass
 class SelectConfig:
     scores: str = option(help="score directory (scores.parquet + scores.json), a .parquet file, or a .npy of one score per window")
-    corpus: str = option("", "the scored corpus: Megatron prefix or headerless token file; '' = the one in scores.json, if any")
+    corpus: str = option("", "the scored corpus: Megatron prefix, token file or directory/glob of dolma token files; "
+                                "'' = the one in scores.json, if any")
     out: str = option("runs/select", "output directory")
     method: Literal["topk", "gumbel", "color", "color-batch", "random"] = option(
         "gumbel", "topk | gumbel (PDS) | color (global top 1/tau) | color-batch (n of tau*n draws) | random")
@@ -171,13 +172,13 @@ def selection_key(cfg: SelectConfig, meta: dict, windows) -> dict:
     """What a finished selection was made from: every result-changing setting, the scores' identity
     (the score job's fingerprint, else the file's digest) and the corpus digest."""
     from dsel.config import to_dict
-    from dsel.data.windows import source_name
+    from dsel.data.windows import corpus_digest
     from dsel.select.source import table_path
 
     settings = {k: v for k, v in to_dict(cfg).items() if k not in SPEED_ONLY}
     scores = meta.get("fingerprint") or file_digest(cfg.scores if str(cfg.scores).endswith(".npy")
                                                     else table_path(cfg.scores))
-    corpus = dataset_digest(source_name(windows.source)) if windows is not None else None
+    corpus = corpus_digest(windows.source) if windows is not None else None
     return {**settings, "scores_digest": scores, "corpus_digest": corpus}
 
 
@@ -199,7 +200,7 @@ def check_overwrite(manifest: Path, key: dict, overwrite: bool) -> None:
 def check_scored_corpus(scores: str, meta: dict, windows) -> None:
     """Refuse scores of another corpus (by content digest) and a score table whose manifest
     (scores.json) is missing or belongs to another merge."""
-    from dsel.data.windows import source_name
+    from dsel.data.windows import corpus_digest, source_name
     from dsel.select.source import table_path
 
     if not str(scores).endswith(".npy"):
@@ -215,7 +216,7 @@ def check_scored_corpus(scores: str, meta: dict, windows) -> None:
                 raise DselError(f"{path}: its scores.json is missing or from another scoring run (an interrupted "
                                 "merge); rerun `dsel score merge`")
     digest = meta.get("corpus_digest")
-    if digest and windows is not None and dataset_digest(source_name(windows.source)) != digest:
+    if digest and windows is not None and corpus_digest(windows.source) != digest:
         raise DselError(f"{scores}: scores of another corpus ({meta.get('corpus')}, digest {digest}), not of "
                         f"{source_name(windows.source)}")
 

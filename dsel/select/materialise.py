@@ -17,7 +17,7 @@ import numpy as np
 
 from dsel.data.indexed import DTYPE_CODES, IndexedDataset, dtype_code
 from dsel.data.meta import meta_path, read_meta, write_derived_meta
-from dsel.data.windows import Windows, corpus_prefix, write_windows
+from dsel.data.windows import Windows, corpus_prefix, document_ids, write_windows
 from dsel.errors import DselError
 from dsel.io import atomic_path
 
@@ -46,6 +46,9 @@ def token_file(windows: Windows) -> tuple[str, int]:
     source = windows.source
     if isinstance(source, IndexedDataset):
         return source.bin_path, int(source.pointers[0]) if len(source) else 0
+    if len(windows.streams) > 1:
+        raise DselError(f"format=index: {source.path} is {len(windows.streams)} token files, which one Megatron index "
+                        "cannot address; use format=megatron")
     return source.path, int(getattr(source, "header_bytes", 0))
 
 
@@ -75,11 +78,11 @@ def write_index_only(windows: Windows, indices: np.ndarray, prefix: Path) -> Non
 
 def source_documents(windows: Windows) -> tuple[list[str] | None, list[str] | None]:
     """(document ids, domains) of the corpus from its sidecars (None where it has none)."""
-    from dsel.data.docids import doc_ids_path, domains_path, read_doc_ids, read_document_strings
+    from dsel.data.docids import domains_path, read_document_strings
 
     prefix = corpus_prefix(windows.source)
     count = windows.source.num_documents
-    ids = read_doc_ids(prefix, count) if Path(doc_ids_path(prefix)).is_file() else None
+    ids = document_ids(windows.source)
     domains = read_document_strings(domains_path(prefix), count) if Path(domains_path(prefix)).is_file() else None
     return ids, domains
 

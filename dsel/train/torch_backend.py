@@ -30,10 +30,11 @@ import torch
 from dsel.config import save_config, to_dict
 from dsel.device import autocast_for, resolve_device
 from dsel.train.schedule import lr_at
+from dsel.data.corpus import open_corpus, sidecar_prefix
 from dsel.data.indexed import IndexedDataset
 from dsel.data.loader import GPTSampleLoader, WindowSampleLoader, WindowStream, prefetched
 from dsel.data.meta import check_same_tokenizer, meta_path, read_meta, tokenizer_identity
-from dsel.data.windows import Windows
+from dsel.data.windows import Windows, source_name
 from dsel.errors import file_error
 from dsel.io import atomic_path, progress, read_json
 from dsel.models.config import GPTConfig
@@ -51,11 +52,12 @@ SampleWeights = Callable[[np.ndarray], np.ndarray]
 # Data
 
 
-def open_dataset(prefix: str, vocab_size: int) -> IndexedDataset:
-    """An IndexedDataset checked to be non-empty and to hold only ids below the model's vocabulary."""
-    dataset = IndexedDataset(prefix)
+def open_dataset(prefix: str, vocab_size: int):
+    """The corpus at `prefix` (dsel.data.corpus: a Megatron dataset, a token file, a directory of dolma
+    token files) checked to be non-empty and to hold only ids below the model's vocabulary."""
+    dataset = open_corpus(prefix)
     if dataset.num_tokens == 0:
-        raise file_error(dataset.bin_path, "dataset is empty (no tokens to train on)")
+        raise file_error(source_name(dataset), "dataset is empty (no tokens to train on)")
     dataset.check_tokens(vocab_size)
     return dataset
 
@@ -100,12 +102,16 @@ def selection_window(prefix: str) -> int | None:
     return read_json(path).get("window") if path.is_file() else None
 
 
-def sample_loader(dataset: IndexedDataset, seq_len: int, seed: int, num_samples: int):
-    """Samples of one dataset: whole windows of a selection (WindowSampleLoader), else megatron's GPTDataset order.
+def sample_loader(dataset, seq_len: int, seed: int, num_samples: int):
+    """Samples of one corpus: whole windows of a selection or of token files (WindowSampleLoader), else
+    megatron's GPTDataset order.
 
     A selection trains window by window so that no sample joins two selected windows; its windows
-    must then be exactly one training sample (seq_len + 1 tokens) long.
+    must then be exactly one training sample (seq_len + 1 tokens) long. Token files (OLMo/dolma)
+    train as OLMo's MemMapDataset reads them: each file cut into windows of seq_len + 1 tokens.
     """
+    if not isinstance(dataset, IndexedDataset):
+        return WindowSampleLoader(Windows(dataset, seq_len + 1), seed, num_samples)
     window = selection_window(dataset.prefix)
     if window is None:
         return GPTSampleLoader(dataset, seq_len, 1, seed, num_samples=num_samples, prefetch=0)
@@ -113,7 +119,10 @@ def sample_loader(dataset: IndexedDataset, seq_len: int, seed: int, num_samples:
         raise file_error(meta_path(dataset.prefix), f"a selection of {window}-token windows cannot train as selected "
                                                     f"with seq_len={seq_len} (samples of {seq_len + 1} tokens); set "
                                                     f"model.seq_len={window - 1} or select windows of {seq_len + 1}")
-    loader = WindowSampleLoader(dataset, seq_len, seed, num_samples)
+    if not np.all(dataset.sizes == window):
+        raise file_error(dataset.idx_path, f"a selection of windows must hold only documents of seq_len+1 = {window} "
+                                           "tokens")
+    loader = WindowSampleLoader(Windows(dataset, window), seed, num_samples)
     if loader.epochs > 1:
         log.warning("%s: %d samples repeat its %d selected windows (%d passes)", dataset.prefix, num_samples,
                     len(dataset), loader.epochs)
@@ -132,6 +141,7 @@ def training_samples(cfg: TrainConfig, seq_len: int, vocab_size: int, num_sample
 def data_meta(prefixes: Sequence[str], model_vocab: int | None = None) -> dict:
     """The data's tokenizer identity (from <prefix>.meta.json: path, kind, sha256, vocab_size, eod_id), checked to agree."""
     found: dict = {}
+    prefixes = [sidecar_prefix(p) for p in prefixes]
     for prefix in prefixes:
         path = meta_path(prefix)
         if not Path(path).is_file():
@@ -149,6 +159,7 @@ def data_meta(prefixes: Sequence[str], model_vocab: int | None = None) -> dict:
 
 def data_vocab_size(prefixes: Sequence[str]) -> int | None:
     """The largest tokenizer vocabulary recorded by the data's meta files (None when none records one)."""
+    prefixes = [sidecar_prefix(p) for p in prefixes]
     sizes = [read_meta(p)["vocab_size"] for p in prefixes if Path(meta_path(p)).is_file()]
     return max(sizes) if sizes else None
 
@@ -186,12 +197,12 @@ def run_inputs(cfg: TrainConfig, config: GPTConfig, sample_weights: SampleWeight
     weights_of = sample_weights or (load_sample_weights(cfg.weights, num_samples) if cfg.weights else None)
     meta = {**data_meta(cfg.data, config.vocab_size), "data": list(cfg.data), "init": cfg.init, "train": to_dict(cfg)}
     if cfg.valid is not None:
-        check_same_tokenizer(cfg.data[0], meta, cfg.valid, role="training data")
+        check_same_tokenizer(cfg.data[0], meta, sidecar_prefix(cfg.valid), role="training data")
     if cfg.init is not None:
         from dsel.models.checkpoint import read_model_meta
 
         for prefix in cfg.data:
-            check_same_tokenizer(cfg.init, read_model_meta(cfg.init), prefix)
+            check_same_tokenizer(cfg.init, read_model_meta(cfg.init), sidecar_prefix(prefix))
     return RunInputs(steps, samples, valid, weights_of, meta)
 
 
@@ -280,7 +291,7 @@ def window_losses(model: torch.nn.Module, data, window: Optional[int] = None, ba
     Windows are consecutive `window` tokens (default: the model's seq_len + 1, predicting seq_len).
     """
     window = window or model.config.seq_len + 1
-    windows = data if isinstance(data, Windows) else Windows(IndexedDataset(data), window)
+    windows = data if isinstance(data, Windows) else Windows(open_corpus(data), window)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     stop = len(windows) if max_batches is None else min(len(windows), max_batches * batch_size)
     was_training = model.training
