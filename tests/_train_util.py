@@ -22,7 +22,7 @@ def write_counting_dataset(prefix, num_docs: int = 40, seed: int = 0, vocab: int
 
 def tiny_config(tmp_path, data, **overrides) -> TrainConfig:
     """A TrainConfig of a 1-layer d=32 model on CPU, 8 steps of batch 4 unless overridden."""
-    settings = dict(data=[str(d) for d in data], out=str(tmp_path / "run"), model=dict(TINY_MODEL), steps=8,
+    settings = dict(data=[str(d) for d in data], out=str(tmp_path / "run"), arch=dict(TINY_MODEL), steps=8,
                     batch_size=4, lr=1e-2, min_lr=1e-3, device="cpu")
     settings.update(overrides)
     return TrainConfig(**settings)

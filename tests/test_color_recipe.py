@@ -164,7 +164,7 @@ def test_a_selection_of_another_window_length_is_refused(tmp_path):
 
 
 def test_megatron_backend_refuses_the_torch_only_recipe_options(tmp_path):
-    for extra in (dict(z_loss=1e-4), dict(model={**TINY_MODEL, "qk_layernorm": True}),
-                  dict(model={**TINY_MODEL, "norm_bias": False})):
+    for extra in (dict(z_loss=1e-4), dict(arch={**TINY_MODEL, "qk_layernorm": True}),
+                  dict(arch={**TINY_MODEL, "norm_bias": False})):
         with pytest.raises(DselError, match="torch-backend features"):
             tiny_config(tmp_path, ["d"], backend="megatron", **extra)

@@ -103,6 +103,31 @@ def test_deprecated_alias_still_works_with_a_warning(caplog):
         load_config(Renamed, None, ["output=x", "out=y"])
 
 
+def test_train_model_settings_are_arch_with_the_old_name_deprecated(caplog):
+    from dsel.pipeline.config import PipelineConfig
+    from dsel.train.config import TrainConfig
+
+    old = load_config(TrainConfig, None, ["data=[d]", "out=o", "steps=1", "model.n_layer=3", "model.seq_len=8"])
+    new = load_config(TrainConfig, None, ["data=[d]", "out=o", "steps=1", "arch.n_layer=3", "arch.seq_len=8"])
+    assert old.arch == new.arch == {"n_layer": 3, "seq_len": 8} and old.model_config() == new.model_config()
+    assert "command line: 'model' is deprecated and will be removed; use 'arch'" in caplog.text
+    run = load_config(PipelineConfig, None, ["model.preset=tiny", "model.model.seq_len=32"])
+    assert run.model == {"preset": "tiny", "arch": {"seq_len": 32}}
+    assert "'model.model' is deprecated and will be removed; use 'model.arch'" in caplog.text
+
+
+def test_a_state_saved_before_the_arch_rename_resumes(tmp_path):
+    from dsel.config import to_dict
+    from dsel.train.config import TrainConfig
+    from dsel.train.torch_backend import check_same_run
+
+    cfg = TrainConfig(data=["d"], out="o", steps=1, arch={"n_layer": 3})
+    saved = {("model" if k == "arch" else k): v for k, v in to_dict(cfg).items()}
+    check_same_run(saved, cfg, tmp_path / "state.pt", tmp_path)
+    with pytest.raises(DselError, match=r"belongs to a run with arch=\{'n_layer': 2\}"):
+        check_same_run({**saved, "model": {"n_layer": 2}}, cfg, tmp_path / "state.pt", tmp_path)
+
+
 def test_help_shows_choices_and_optional_types():
     text = "\n".join(describe(Outer))
     assert "mode: 'a' | 'b' = 'a'" in text and "seed: int or None = None" in text and "tags: list[str] = []" in text

@@ -147,7 +147,7 @@ def test_train_eval_and_finetune_read_dolma_token_files(dolma, tmp_path):
             assert sorted(map(bytes, samples.astype(np.uint16))) == sorted(map(bytes, rows.astype(np.uint16)))
         assert samples.shape == (count, window)
     main(["train", f"data=[{root}]", f"out={tmp_path / 'run'}", "steps=2", "batch_size=4", "device=cpu",
-          f"model={json.dumps(TINY_MODEL)}"])
+          f"arch={json.dumps(TINY_MODEL)}"])
     model, _ = load_model(tmp_path / "run" / "model")
     main(["eval", "loss", f"model={tmp_path / 'run' / 'model'}", f"data={{dolma: {root}}}", "device=cpu",
           f"out={tmp_path / 'loss.json'}"])

@@ -48,7 +48,7 @@ PROBES = {"tp2": {"tp": 2}, "pp2": {"pp": 2}}  # layouts whose per-rank construc
 
 def settings(tmp_path, data, name, model_changes, **overrides):
     return {"data": [data], "valid": str(tmp_path / "valid"), "out": str(tmp_path / name),
-            "model": {**MODEL, **model_changes}, "steps": 6, "batch_size": 4, "grad_accum": 2, "lr": 1e-2,
+            "arch": {**MODEL, **model_changes}, "steps": 6, "batch_size": 4, "grad_accum": 2, "lr": 1e-2,
             "min_lr": 1e-3, "warmup": 1, "eval_batches": 2, "device": "cpu", "backend": "megatron", **overrides}
 
 
@@ -193,7 +193,7 @@ def test_dsel_train_command_under_torchrun(tmp_path):
     pytest.importorskip("dsel.train.commands")
     data = write_counting_dataset(tmp_path / "train", vocab=MODEL["vocab_size"])
     base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dsel",
-            "train", f"data=[{data}]", "preset=tiny", f"model.vocab_size={MODEL['vocab_size']}", "model.seq_len=16",
+            "train", f"data=[{data}]", "preset=tiny", f"arch.vocab_size={MODEL['vocab_size']}", "arch.seq_len=16",
             "steps=2", "batch_size=2", "backend=megatron"]
     env = {**os.environ, "DSEL_PROGRESS": "0", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
     returncode, stderr = run_group(base + [f"out={tmp_path / 'run'}", "parallel.tp=2"], tmp_path, env)

@@ -20,7 +20,7 @@ CONFIG = {"vocab_size": 128, "seq_len": 16, "n_layer": 2, "d_model": 32, "n_head
 
 
 def torch_model(tmp_path, seed=5):
-    cfg = from_dict(TrainConfig, {"data": ["unused"], "out": str(tmp_path), "steps": 1, "model": CONFIG, "seed": seed})
+    cfg = from_dict(TrainConfig, {"data": ["unused"], "out": str(tmp_path), "steps": 1, "arch": CONFIG, "seed": seed})
     return torch_backend.build_model(cfg)
 
 

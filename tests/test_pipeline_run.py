@@ -29,7 +29,7 @@ def small_config(tmp_path: Path) -> Path:
         "device": "cpu",
         "data": {"pool": str(corpus / "pool.jsonl.gz"), "target": str(corpus / "target.jsonl.gz"), "vocab_size": 512,
                  "valid": {d: str(corpus / "valid" / f"{d}.jsonl.gz") for d in ("science", "legal", "sports")}},
-        "model": {"preset": "tiny", "model": {"seq_len": 32, "n_layer": 1, "d_model": 32, "n_head": 2}},
+        "model": {"preset": "tiny", "arch": {"seq_len": 32, "n_layer": 1, "d_model": 32, "n_head": 2}},
         "prior": {"steps": 8, "batch_size": 8, "lr": 3e-3},
         "pds": {"proxy_windows": 32, "target_windows": 8, "fit": {"fit": {"epochs": 1}},
                 "solve": {"solver": {"steps": 2, "lr": 0.5}}},

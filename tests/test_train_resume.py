@@ -79,7 +79,7 @@ def test_finetune_starts_from_init_weights_and_architecture(tmp_path):
     target = write_counting_dataset(tmp_path / "t", num_docs=12, seed=7)
     prior = train(tiny_config(tmp_path / "prior", [data], steps=10))
     prior_model, _ = load_model(prior)
-    cfg = tiny_config(tmp_path / "ft", [target], init=str(prior), model={}, steps=2, lr=1e-3, min_lr=1e-3)
+    cfg = tiny_config(tmp_path / "ft", [target], init=str(prior), arch={}, steps=2, lr=1e-3, min_lr=1e-3)
     tuned, meta = load_model(train(cfg))
     assert tuned.config == prior_model.config and meta["init"] == str(prior)
     first_loss = log_rows(tmp_path / "ft" / "run")[0]["loss"]
@@ -118,8 +118,8 @@ def test_config_mistakes_are_one_line_errors(tmp_path):
         load_config(TrainConfig, yaml_file)
     with pytest.raises(DselError, match="set exactly one of 'steps' and 'tokens'"):
         load_config(TrainConfig, None, ["data=[d]", "out=o", "steps=3", "tokens=100"])
-    with pytest.raises(DselError, match="unknown model setting 'n_layers'"):
-        load_config(TrainConfig, None, ["data=[d]", "out=o", "steps=3", "model.n_layers=2"]).model_config()
+    with pytest.raises(DselError, match="unknown arch setting 'n_layers'"):
+        load_config(TrainConfig, None, ["data=[d]", "out=o", "steps=3", "arch.n_layers=2"]).model_config()
     with pytest.raises(DselError, match="'parallel.tp' should be int"):
         load_config(TrainConfig, None, ["data=[d]", "out=o", "steps=3", "parallel.tp=two"])
 
@@ -133,7 +133,7 @@ def test_cli_trains_and_reports_bad_input(tmp_path, capsys):
     data = write_counting_dataset(tmp_path / "d")
     out = tmp_path / "cli"
     model = ",".join(f"{k}: {v}" for k, v in TINY_MODEL.items())
-    main(["train", f"data=[{data}]", f"valid={data}", f"out={out}", f"model={{{model}}}", "steps=3", "batch_size=2",
+    main(["train", f"data=[{data}]", f"valid={data}", f"out={out}", f"arch={{{model}}}", "steps=3", "batch_size=2",
           "device=cpu", "eval_batches=1"])
     trained, _ = load_model(out / "model")
     assert [r["step"] for r in log_rows(out) if "loss" in r] == [1, 2, 3]
@@ -152,7 +152,7 @@ def test_finetune_refuses_data_of_another_tokenizer(tmp_path):
     write_meta(target, {**meta, "tokenizer": "b.model", "tokenizer_sha256": "b" * 64})
     prior = train(tiny_config(tmp_path / "prior", [data], steps=1))
     with pytest.raises(DselError, match="model has tokenizer_sha256=aaaaaaaaaaaa... .* but data .*t has tokenizer_sha256=bbbbbbbbbbbb"):
-        train(tiny_config(tmp_path / "ft", [target], init=str(prior), model={}, steps=1))
+        train(tiny_config(tmp_path / "ft", [target], init=str(prior), arch={}, steps=1))
 
 
 def test_tokenizer_vocabulary_larger_than_the_model_is_refused(tmp_path):
@@ -181,7 +181,7 @@ def test_megatron_backend_is_dispatched_to_its_module(tmp_path, monkeypatch):
 def test_sigkilled_cli_run_resumes_to_the_uninterrupted_result(tmp_path):
     data = write_counting_dataset(tmp_path / "d")
     model = ",".join(f"{k}: {v}" for k, v in TINY_MODEL.items())
-    args = [f"data=[{data}]", f"model={{{model}}}", "steps=12", "save_every=3", "batch_size=2", "device=cpu"]
+    args = [f"data=[{data}]", f"arch={{{model}}}", "steps=12", "save_every=3", "batch_size=2", "device=cpu"]
     main(["train", f"out={tmp_path / 'whole'}", *args])
     command = [sys.executable, "-m", "dsel", "train", f"out={tmp_path / 'killed'}", *args]
     env = {**os.environ, "DSEL_PROGRESS": "0"}

@@ -7,11 +7,15 @@ a typo in any section fails at once with the stage's own one-line error.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from dsel.config import option
+from dsel.errors import DselError
+
+log = logging.getLogger(__name__)
 
 BUNDLED = Path(__file__).resolve().parent.parent / "data" / "bundled"
 Method = Literal["pds", "color", "cond-only", "rho-down", "dsir"]
@@ -94,10 +98,25 @@ class PipelineConfig:
     device: str = option("auto", "cpu, cuda, cuda:N or auto (every stage)")
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "corpus, target and validation data"})
     model: dict[str, Any] = option({"preset": "tiny"}, "the GPT of every stage: `dsel train` preset and "
-                                                       "model overrides, e.g. {preset: tiny, model: {seq_len: 128}}")
+                                                       "arch overrides, e.g. {preset: tiny, arch: {seq_len: 128}}")
     prior: dict[str, Any] = option({"steps": 200}, "`dsel train` settings of the proxy/prior LM (on the pool)")
     pretrain: dict[str, Any] = option({"steps": 300}, "`dsel train` settings of every pretraining run (same for all)")
     pds: PdsConfig = field(default_factory=PdsConfig, metadata={"help": "PDS settings"})
     color: ColorConfig = field(default_factory=ColorConfig, metadata={"help": "CoLoR-Filter settings"})
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig, metadata={"help": "rho-down and dsir settings"})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "evaluation settings"})
+
+    def __post_init__(self):
+        for section in ("model", "prior", "pretrain"):
+            setattr(self, section, with_arch(getattr(self, section), section))
+
+
+def with_arch(settings: dict, section: str) -> dict:
+    """`dsel train` settings of a run-config section with the old name of `arch` (`model`, kept for one
+    release) renamed, so the pipeline's merge of shared and per-stage settings sees one key."""
+    if "model" not in settings:
+        return settings
+    log.warning("run config: '%s.model' is deprecated and will be removed; use '%s.arch'", section, section)
+    if "arch" in settings:
+        raise DselError(f"run config: both '{section}.model' (deprecated) and '{section}.arch' are set")
+    return {("arch" if key == "model" else key): value for key, value in settings.items()}

@@ -98,7 +98,7 @@ class Pipeline:
 
     def train_settings(self, section: dict, vocab_size: int, **paths) -> dict:
         """`dsel train` settings: the shared model, a section's settings, the pipeline's paths."""
-        model = merged(self.cfg.model, {"model": {"vocab_size": vocab_size}})
+        model = merged(self.cfg.model, {"arch": {"vocab_size": vocab_size}})
         return merged({"seed": self.cfg.seed, "device": self.cfg.device}, model, section, paths)
 
     def stage_settings(self, vocab_size: int = 0, window: int = 0, budget: int = 0) -> dict[str, tuple[str, dict]]:

@@ -43,15 +43,17 @@ class ParallelConfig:
 
 @dataclass
 class TrainConfig:
-    """`dsel train`: pretrain (or fine-tune, with `init`) a GPT on Megatron datasets."""
+    """`dsel train`: pretrain (or fine-tune, with `init`) a GPT on Megatron datasets or dolma token files."""
 
-    data: list[str] = option(help="Megatron dataset prefix(es) to train on; several are blended (see data_weights)")
+    data: list[str] = option(help="corpora to train on (Megatron prefixes, token files or directories of dolma token "
+                                  "files); several are blended (see data_weights)")
     out: str = option(help="output directory: model/ (checkpoint), state/ (resume), log.jsonl, config.yaml")
     data_weights: Optional[list[float]] = option(None, "blend weights of several data prefixes; None = by token count")
-    valid: Optional[str] = option(None, "Megatron dataset prefix of held-out data for valid_loss")
+    valid: Optional[str] = option(None, "held-out corpus for valid_loss (as data)")
     preset: Optional[str] = option(None, "model preset (dsel.models.config.PRESETS); None = init's architecture, else 'tiny'")
-    model: dict[str, Any] = option({}, "GPTConfig fields overriding the preset, e.g. {n_layer: 4, seq_len: 256}; "
-                                       "vocab_size defaults to the data's tokenizer vocabulary padded to a multiple of 128")
+    arch: dict[str, Any] = option({}, "GPTConfig fields overriding the preset, e.g. {n_layer: 4, seq_len: 256}; "
+                                      "vocab_size defaults to the data's tokenizer vocabulary padded to a multiple of 128",
+                                  aliases=("model",))
     init: Optional[str] = option(None, "checkpoint to start from (fine-tuning): a dsel checkpoint or a transformers "
                                        "model folder (Llama, GPT-NeoX); None = random init")
     optimizer: Literal["adamw", "sgd"] = option("adamw", "adamw, or plain sgd (no momentum)")
@@ -104,18 +106,18 @@ class TrainConfig:
             raise DselError(f"train config: min_lr={self.min_lr} must be in [0, lr={self.lr}]")
         if self.adam_eps <= 0 or self.z_loss < 0:
             raise DselError(f"train config: adam_eps={self.adam_eps} must be > 0 and z_loss={self.z_loss} >= 0")
-        if self.backend == "megatron" and (self.z_loss or self.model.get("qk_layernorm")
-                                           or self.model.get("norm_bias") is False):
-            raise DselError("train config: z_loss, model.qk_layernorm and model.norm_bias=false are torch-backend "
+        if self.backend == "megatron" and (self.z_loss or self.arch.get("qk_layernorm")
+                                           or self.arch.get("norm_bias") is False):
+            raise DselError("train config: z_loss, arch.qk_layernorm and arch.norm_bias=false are torch-backend "
                             "features (megatron-core's QK norm is per head); use backend=torch")
         for name in ("warmup", "eval_every", "save_every"):
             if getattr(self, name) < 0:
                 raise DselError(f"train config: '{name}' must be >= 0, got {getattr(self, name)}")
 
     def model_config(self, init_config: GPTConfig | None = None, data_vocab: int | None = None) -> GPTConfig:
-        """The GPTConfig to train: preset (or the init checkpoint's config) with `model` overrides.
+        """The GPTConfig to train: preset (or the init checkpoint's config) with `arch` overrides.
 
-        Without init and without an explicit `model.vocab_size`, the vocabulary is the data's
+        Without init and without an explicit `arch.vocab_size`, the vocabulary is the data's
         tokenizer vocabulary `data_vocab` padded to a multiple of 128, as Megatron pads it.
         """
         if self.preset is not None:
@@ -123,13 +125,13 @@ class TrainConfig:
         else:
             base = init_config or preset_config("tiny")
         names = {f.name for f in dataclasses.fields(GPTConfig)}
-        unknown = sorted(set(self.model) - names)
+        unknown = sorted(set(self.arch) - names)
         if unknown:
-            raise DselError(f"train config: unknown model setting '{unknown[0]}'; GPTConfig has {', '.join(sorted(names))}")
-        merged = {**dataclasses.asdict(base), **self.model}
-        if data_vocab and init_config is None and "vocab_size" not in self.model:
+            raise DselError(f"train config: unknown arch setting '{unknown[0]}'; GPTConfig has {', '.join(sorted(names))}")
+        merged = {**dataclasses.asdict(base), **self.arch}
+        if data_vocab and init_config is None and "vocab_size" not in self.arch:
             merged["vocab_size"] = padded_vocab_size(data_vocab)
-        return from_dict(GPTConfig, merged, "train config: model").validate("train config: model")
+        return from_dict(GPTConfig, merged, "train config: arch").validate("train config: arch")
 
     def num_steps(self, seq_len: int) -> int:
         """Optimizer steps: `steps`, or `tokens` rounded up to whole steps of batch_size*grad_accum*seq_len."""

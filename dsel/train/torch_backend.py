@@ -57,7 +57,8 @@ def open_dataset(prefix: str, vocab_size: int):
     token files) checked to be non-empty and to hold only ids below the model's vocabulary."""
     dataset = open_corpus(prefix)
     if dataset.num_tokens == 0:
-        raise file_error(source_name(dataset), "dataset is empty (no tokens to train on)")
+        path = dataset.bin_path if isinstance(dataset, IndexedDataset) else source_name(dataset)
+        raise file_error(path, "dataset is empty (no tokens to train on)")
     dataset.check_tokens(vocab_size)
     return dataset
 
@@ -118,7 +119,7 @@ def sample_loader(dataset, seq_len: int, seed: int, num_samples: int):
     if window != seq_len + 1:
         raise file_error(meta_path(dataset.prefix), f"a selection of {window}-token windows cannot train as selected "
                                                     f"with seq_len={seq_len} (samples of {seq_len + 1} tokens); set "
-                                                    f"model.seq_len={window - 1} or select windows of {seq_len + 1}")
+                                                    f"arch.seq_len={window - 1} or select windows of {seq_len + 1}")
     if not np.all(dataset.sizes == window):
         raise file_error(dataset.idx_path, f"a selection of windows must hold only documents of seq_len+1 = {window} "
                                            "tokens")
@@ -152,7 +153,7 @@ def data_meta(prefixes: Sequence[str], model_vocab: int | None = None) -> dict:
         meta = tokenizer_identity(read_meta(prefix))
         if model_vocab is not None and meta["vocab_size"] > model_vocab:
             raise file_error(path, f"tokenizer vocabulary {meta['vocab_size']} exceeds the model's vocab_size "
-                                   f"{model_vocab}; set model.vocab_size (or a preset) to at least that")
+                                   f"{model_vocab}; set arch.vocab_size (or a preset) to at least that")
         found = found or meta
     return found
 
@@ -362,8 +363,11 @@ def read_state_file(path: Path, cfg: TrainConfig, state_folder: Path) -> dict:
 
 def check_same_run(old: dict, cfg: TrainConfig, path: Path, state_folder: Path,
                    resumable: Sequence[str] = RESUMABLE_CHANGES) -> None:
-    """Refuse a saved state whose run settings `old` differ from cfg's in anything but `resumable`."""
+    """Refuse a saved state whose run settings `old` differ from cfg's in anything but `resumable` (a state
+    saved before `model` was renamed `arch` compares under the new name)."""
     new = to_dict(cfg)
+    if "model" in old and "arch" not in old:
+        old = {("arch" if key == "model" else key): value for key, value in old.items()}
     for key in sorted(set(old) | set(new)):
         if key not in resumable and old.get(key) != new.get(key):
             raise file_error(path, f"belongs to a run with {key}={old.get(key)!r}, not {new.get(key)!r}; "

@@ -50,7 +50,7 @@ losses = {}
 for sp in ("false", "true"):
     run = out / f"sp-{sp}"
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dsel",
-                    "train", f"data=[{data}]", f"out={run}", "preset=tiny", "model.vocab_size=128", "model.seq_len=16",
+                    "train", f"data=[{data}]", f"out={run}", "preset=tiny", "arch.vocab_size=128", "arch.seq_len=16",
                     "steps=6", "batch_size=4", "backend=megatron", "parallel.tp=2", f"parallel.sequence_parallel={sp}",
                     "device=cuda"], check=True)
     losses[sp] = [json.loads(l)["loss"] for l in (run / "log.jsonl").read_text().splitlines() if '"loss"' in l]
