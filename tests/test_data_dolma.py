@@ -131,21 +131,33 @@ def test_format_index_refuses_several_files_in_one_line(dolma, tmp_path, capsys)
     assert "format=index" in err.strip().splitlines()[-1] and "3 token files" in err
 
 
-def test_train_eval_and_finetune_read_dolma_token_files(dolma, tmp_path):
+@pytest.fixture
+def megatron_twin(dolma, tmp_path):
+    """The dolma documents as one Megatron dataset (the reference colour finetune trains on)."""
+    with IndexedDatasetWriter(tmp_path / "megatron", np.uint16) as writer:
+        for docs, _ in dolma[1]:
+            for doc in docs:
+                writer.add_document(doc)
+    return tmp_path / "megatron"
+
+
+@pytest.mark.parametrize("layout", ["directory", "single file"])
+def test_train_eval_and_finetune_read_dolma_token_files(dolma, megatron_twin, tmp_path, layout):
     from dsel.models.checkpoint import load_model
     from dsel.train.torch_backend import training_samples
 
     root, ordered = dolma
     window = TINY_MODEL["seq_len"] + 1
+    if layout == "single file":  # every document in one file, documents and ids from its .csv.gz
+        docs = [d for file_docs, _ in ordered for d in file_docs]
+        root = tmp_path / "single.npy"
+        write_dolma_file(root, docs, [str(k) for k in range(len(docs))])
+        ordered = [(docs, [str(k) for k in range(len(docs))])]
     rows, _, _, _ = reference(ordered, window)
-    single = tmp_path / "single.npy"
-    write_dolma_file(single, [d for docs, _ in ordered for d in docs])
-    for data, count in ((root, len(rows)), (single, len(np.concatenate([np.concatenate(d) for d, _ in ordered])) // window)):
-        cfg = tiny_config(tmp_path, [data])
-        samples = training_samples(cfg, TINY_MODEL["seq_len"], VOCAB, 2 * count).batch(np.arange(count))
-        if data == root:  # one epoch visits every per-file window once
-            assert sorted(map(bytes, samples.astype(np.uint16))) == sorted(map(bytes, rows.astype(np.uint16)))
-        assert samples.shape == (count, window)
+    samples = training_samples(tiny_config(tmp_path, [root]), TINY_MODEL["seq_len"], VOCAB, 2 * len(rows))
+    for epoch in range(2):  # each epoch visits every per-file window once
+        got = samples.batch(np.arange(epoch * len(rows), (epoch + 1) * len(rows))).astype(np.uint16)
+        assert sorted(map(bytes, got)) == sorted(map(bytes, rows.astype(np.uint16)))
     main(["train", f"data=[{root}]", f"out={tmp_path / 'run'}", "steps=2", "batch_size=4", "device=cpu",
           f"arch={json.dumps(TINY_MODEL)}"])
     model, _ = load_model(tmp_path / "run" / "model")
@@ -155,15 +167,11 @@ def test_train_eval_and_finetune_read_dolma_token_files(dolma, tmp_path):
         expected = model.sequence_losses(torch.from_numpy(rows.astype(np.int64))).double().mean().item()
     got = json.loads((tmp_path / "loss.json").read_text())["losses"]["dolma"]
     assert got["windows"] == len(rows) and got["loss"] == pytest.approx(expected, rel=1e-5)
-    with IndexedDatasetWriter(tmp_path / "megatron", np.uint16) as writer:  # the same documents as a Megatron dataset
-        for docs, _ in ordered:
-            for doc in docs:
-                writer.add_document(doc)
-    for name, target in (("dir", root), ("megatron", tmp_path / "megatron")):
+    for name, target in (("ours", root), ("twin", megatron_twin)):
         main(["color", "finetune", f"prior={tmp_path / 'run' / 'model'}", f"target={target}",
               f"out={tmp_path / name}", "batch_size=4", "warmup=1", "device=cpu"])
-    ours, theirs = (load_model(tmp_path / name)[0].state_dict() for name in ("dir", "megatron"))
-    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    ours, twin = (load_model(tmp_path / name)[0].state_dict() for name in ("ours", "twin"))
+    assert all(torch.equal(ours[k], twin[k]) for k in ours)
 
 
 @pytest.mark.parametrize("case,message", [
