@@ -178,6 +178,7 @@ def test_train_eval_and_finetune_read_dolma_token_files(dolma, megatron_twin, tm
     ("empty", r"no token files \(\.npy, or \.bin without an \.idx\) found"),
     ("mixed", r"holds uint32 tokens but .*a\.npy holds uint16"),
     ("csv", r"part\.csv\.gz: its documents end at token 9 but the token file holds 10 tokens"),
+    ("short", r"no token file holds one window of 4 tokens \(the longest holds 3\)"),
 ])
 def test_bad_file_sets_are_one_line(tmp_path, capsys, case, message):
     root = tmp_path / "set"
@@ -187,6 +188,9 @@ def test_bad_file_sets_are_one_line(tmp_path, capsys, case, message):
     elif case == "mixed":
         np.save(root / "a.npy", np.arange(40, dtype=np.uint16))
         np.save(root / "b.npy", np.arange(40, dtype=np.uint32))
+    elif case == "short":
+        for name in ("a.npy", "b.npy"):
+            write_dolma_file(root / name, [np.array([5, 6, EOD])])
     else:
         write_dolma_file(root / "part.npy", [np.arange(1, 10), np.array([EOD])], ["x", "y"])
         with gzip.open(root / "part.csv.gz", "wt") as f:

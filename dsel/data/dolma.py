@@ -43,7 +43,8 @@ def token_files(path: str) -> tuple[str, list[str]]:
     `.bin` with an `.idx` beside it is a Megatron dataset, not a token file."""
     if os.path.isdir(path):
         root = path
-        found = [str(p) for p in Path(path).rglob("*") if p.suffix in TOKEN_SUFFIXES and p.is_file()]
+        found = [str(p) for p in Path(path).rglob("*") if p.suffix in TOKEN_SUFFIXES and p.is_file()
+                 and not any(part.startswith(".") for part in p.relative_to(path).parts)]  # no temporary files
     else:
         root = glob_root(path)
         found = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]

@@ -72,8 +72,11 @@ class Windows:
         self.first_window = np.concatenate([[0], np.cumsum(lengths // self.window)]).astype(np.int64)
         self.stream_starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         self.num_windows = int(self.first_window[-1])
+        if self.num_windows == 0 and len(lengths) > 1:
+            raise DselError(f"{source_name(source)}: no token file holds one window of {window} tokens (the longest "
+                            f"holds {int(lengths.max())})")
         if self.num_windows == 0:
-            raise DselError(f"{source_name(source)}: {int(lengths.max())} tokens is less than one window of {window}")
+            raise DselError(f"{source_name(source)}: {int(lengths[0])} tokens is less than one window of {window}")
 
     def __len__(self) -> int:
         return self.num_windows

@@ -46,7 +46,9 @@ DEFAULT_SHARD_BATCHES = 64  # shard_size=None: this many batches per shard
 # ----- the job: what is scored, and its fingerprint --------------------------------------------------
 def corpus_info(source) -> dict:
     """Enough to reopen the corpus for a later merge, and to notice it changed."""
-    kind = "indexed" if hasattr(source, "prefix") else "dolma" if hasattr(source, "files") else "memmap"
+    from dsel.data.dolma import DolmaTokens
+
+    kind = "indexed" if hasattr(source, "prefix") else "dolma" if isinstance(source, DolmaTokens) else "memmap"
     return {"kind": kind, "path": os.path.abspath(source_name(source)), "tokens": int(source.num_tokens),
             "dtype": np.dtype(source.dtype).str, "eos_id": getattr(source, "eos_id", None),
             "digest": corpus_digest(source)}
