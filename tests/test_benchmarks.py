@@ -93,6 +93,16 @@ def test_loader_benchmark(tmp_path, capsys):
     assert "megatron-core __getitem__" in capsys.readouterr().out
 
 
+def test_dolma_benchmark(tmp_path, capsys):
+    out = tmp_path / "dolma.json"
+    load_benchmark("dolma").main(["--tokens", "200000", "--files", "5", "--seq-len", "64", "--batch-size", "4",
+                                  "--batches", "3", "--seconds", "0.05", "--out", str(out)])
+    result = read_json(out)
+    assert set(result["results"]) == {"dsel directory", "dsel one file", "OLMo MemMapDataset"}
+    assert result["speedup_vs_olmo"] > 0 and result["directory_over_one_file"] > 0
+    assert "OLMo MemMapDataset" in capsys.readouterr().out
+
+
 def test_pmp_benchmark_dots_agree(tmp_path):
     out = tmp_path / "pmp.json"
     load_benchmark("pmp").main(["--device", "cpu", "--model", "tiny", "--batch", "3", "--micro-batch", "2", "--target", "2",

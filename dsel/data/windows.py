@@ -128,9 +128,10 @@ class Windows:
             bad = int(ids[(ids < 0) | (ids >= self.num_windows)][0])
             raise DselError(f"{source_name(self.source)}: window id {bad} out of range [0, {self.num_windows})")
         part, local = self._locate(ids)
-        bounds = np.concatenate([[0], np.flatnonzero(np.diff(part)) + 1, [len(ids)]])
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            yield self.streams[int(part[a])], local[a:b], slice(int(a), int(b))
+        cuts = (np.flatnonzero(np.diff(part)) + 1).tolist()  # plain ints: this loop runs per batch
+        starts, ends = [0, *cuts], [*cuts, len(ids)]
+        for a, b, p in zip(starts, ends, part[starts].tolist()):
+            yield self.streams[p], local[a:b], slice(a, b)
 
     def batch(self, ids: Sequence[int], out: np.ndarray | None = None, dtype=np.int64) -> np.ndarray:
         """Windows `ids` gathered into `out` ([B, W], allocated with `dtype` when None), GIL released."""
