@@ -240,7 +240,7 @@ class Pipeline:
     def pretrain_rho_down(self, settings: dict, color_scores: Path, window: int) -> Path:
         """RHO-down: pretrain on the pool, each step keeping the n of tau*n random windows with the largest
         loss_current - loss_cond (the model in training scores them; loss_cond from color/score)."""
-        from dsel.data.indexed import IndexedDataset
+        from dsel.data.corpus import open_corpus
         from dsel.data.windows import Windows
         from dsel.select.rho_down import RhoDownBatches, conditional_losses
         from dsel.train.config import TrainConfig
@@ -251,7 +251,7 @@ class Pipeline:
 
         def body(_: Path) -> None:
             cfg = build(TrainConfig, train_settings, name)
-            windows = Windows(IndexedDataset(str(self.data / "pool")), window)
+            windows = Windows(open_corpus(str(self.data / "pool")), window)
             batches = RhoDownBatches(windows, conditional_losses(str(color_scores), len(windows)), cfg.batch_size,
                                      cfg.grad_accum, self.rho_down_tau(), cfg.seed, cfg.precision)
             train(cfg, online_batches=batches)

@@ -95,12 +95,12 @@ def write_dsir_scores(pool_prefix: str, pool_files: Sequence, target_files: Sequ
                       out: Path, seed: int, text_field: str = "text", id_field: str = "", num_proc: int = 1) -> Path:
     """out/scores.npy: one DSIR key per window of the tokenized pool (for `dsel select`)."""
     from dsel.data.docids import read_doc_ids
-    from dsel.data.indexed import IndexedDataset
+    from dsel.data.corpus import open_corpus
     from dsel.data.windows import Windows
     from dsel.io import atomic_path
 
     weights = log_importance_weights(pool_files, target_files, out / "cache", text_field, id_field, num_proc=num_proc)
-    windows = Windows(IndexedDataset(pool_prefix), window)
+    windows = Windows(open_corpus(pool_prefix), window)
     doc_ids = read_doc_ids(pool_prefix)
     keys = window_keys(weights, doc_ids, windows.doc_of_window, seed)
     with atomic_path(out / "scores.npy") as tmp, open(tmp, "wb") as f:
