@@ -14,10 +14,9 @@ import importlib.util
 import os
 
 import torch
-
-from dsel.errors import DselError
 from torch._C._functorch import is_functorch_wrapped_tensor
 
+from dsel.errors import DselError
 from kernels.linear_ce import (IGNORE_INDEX, LinearCrossEntropyFunction, ReferenceBackend, check_inputs,
                                linear_cross_entropy_jvp_reference, linear_cross_entropy_reference,
                                plain_cross_entropy, torch_chunked_cross_entropy)
@@ -32,13 +31,14 @@ _MODES = ("auto", "triton", "reference", "torch", "torch-lce")
 # CPU dispatch, calibrated on this project's 2-core CI VM (2026-12-02, fp32, shared with other jobs,
 # so +-30% noise; timings of kernels.linear_ce's plain_cross_entropy, ReferenceBackend and
 # F.linear_cross_entropy chunked as the reference, medians of 3-5 calls) at (N, d, V) =
-# (1016, 128, 4096), (256, 768, 50304), (1016, 128, 50304), (4064, 128, 4096):
+# (1016, 128, 4096), (256, 768, 50304), (1016, 128, 50304) (with backward) and (4064, 128, 4096):
 # - loss + grad: materialised torch was fastest at every shape, 1.1-2x ahead of both chunked
 #   paths, which recompute the logits in backward (1016x128x50304: 2.1 s vs 3.9 s reference,
 #   6.0 s torch-lce), so it runs while its logits stay within PLAIN_GRAD_LOGITS_LIMIT;
-# - loss alone: the same two matmul-bound paths within noise while the logits are a few chunks;
+# - loss alone: the same matmul-bound work, within noise while the logits are a few chunks;
 #   plain ahead at 256x768x50304 (12.9M logits: 0.64-0.87 s vs 0.89-1.19 s), the reference ahead
-#   at 1016x128x50304 (51M: 0.72-1.29 s vs 1.18-1.63 s), so the switch sits at 2^25 logits;
+#   at 1016x128x50304 in 3 of 4 runs (51M: 0.72-1.29 s vs 1.18-1.63 s) and benchmarks/score.py
+#   --vocab-size 50304 (that shape) 2.7x faster with it, so the switch sits at 2^25 logits;
 # - torch-lce was never faster than the better of the two (forward 0.82 vs 0.68 s, 1.48 vs
 #   1.29 s; on CPU its default chunking, a logits chunk the size of the hidden states, ran 20-40x
 #   slower), so auto does not pick it on CPU; DSEL_KERNELS=torch-lce runs it.

@@ -290,13 +290,13 @@ def compile_candidates(variant: Variant, candidates, args_for, workers=None) -> 
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from triton.runtime._async_compile import AsyncCompileMode
+    from triton.runtime._async_compile import AsyncCompileMode, FutureKernel
 
     kernel = KERNELS[variant.kernel]
     workers = workers or max(1, min(len(candidates), os.cpu_count() or 1))
     with ThreadPoolExecutor(workers) as pool, AsyncCompileMode(pool):
         pending = [kernel.warmup(*args_for(c), grid=(1,), **launch_options(variant, c)) for c in candidates]
-    return [k.result() if hasattr(k, "future") else k for k in pending]  # a FutureKernel, or one cached before
+    return [k.result() if isinstance(k, FutureKernel) else k for k in pending]  # else: compiled before
 
 
 def tuning_key(n_tokens: int, vocab_size: int, dim: int) -> tuple:
