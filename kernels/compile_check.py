@@ -106,14 +106,15 @@ def concurrent_compile_reports(variant_name: str, capability: int) -> list[dict]
     """Compile every config of one variant for sm_<capability> through the tuner's concurrent path
     (linear_ce_triton.compile_candidates: JIT warm-ups in Triton's AsyncCompileMode) and report, per
     config, what compile_report's one-at-a-time compile reports too: shared memory and the PTX hash."""
+    from triton import knobs
     from triton.runtime import driver
 
     import kernels.linear_ce_triton as K
 
+    if K.INTERPRETED:
+        raise RuntimeError("concurrent_compile_reports needs Triton imported without TRITON_INTERPRET=1")
     variant = next(v for v in K.variants() if v.name == variant_name)
     candidates = K.configs(variant)
-    from triton import knobs
-
     driver.set_active(_TargetDriver(capability))
     try:
         with knobs.compilation.scope():
