@@ -11,9 +11,11 @@ MFU = forward FLOPs/token x per-model tokens/s / peak FLOP/s, and peak memory of
 
   python benchmarks/score.py                          # color-150m on GPU, small-cpu on CPU
   python benchmarks/score.py --preset color-150m --batch-size 256 --micro-batch 64 --out score_gpu.json
+  python benchmarks/score.py --vocab-size 50304        # CPU: a GPT-2-size head, past the plain-logits limit
 Reference: the CoLoR code scores ~0.7M tokens/s per H100 for one 150M model (bf16 autocast).
 """
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -58,6 +60,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--preset", default=None, help="model preset (default color-150m on GPU, small-cpu on CPU)")
     p.add_argument("--window", type=int, default=None, help="tokens per window (default the preset's seq_len)")
+    p.add_argument("--vocab-size", type=int, default=None, help="override the preset's vocabulary (the head's V)")
     p.add_argument("--batch-size", type=int, default=None, help="windows per scorer call (default 128 GPU, 16 CPU)")
     p.add_argument("--micro-batch", type=int, default=None, help="rows per forward (default 64 GPU, 8 CPU)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per scorer, median kept (default 10 GPU, 3 CPU)")
@@ -71,6 +74,8 @@ def main(argv=None):
     gpu = device.type == "cuda"
     preset_name = args.preset or ("color-150m" if gpu else "small-cpu")
     config = preset(preset_name)
+    if args.vocab_size:
+        config = dataclasses.replace(config, vocab_size=args.vocab_size)
     window = args.window or config.seq_len
     batch_size = args.batch_size or (128 if gpu else 16)
     micro_batch = args.micro_batch or (64 if gpu else 8)
@@ -95,7 +100,8 @@ def main(argv=None):
     flops_per_token = config.flops_per_token()
     batch_tokens = batch_size * window
     print(f"device={device} preset={preset_name} window={window} batch={batch_size} "
-          f"micro_batch={micro_batch} precision={precision} kernels={kernels.backend_name(batch.to(device))} "
+          f"micro_batch={micro_batch} precision={precision} vocab={config.vocab_size} "
+          f"kernels={kernels.backend_name(batch.to(device), micro_batch * (window - 1), config.vocab_size)} "
           f"params={config.num_params() / 1e6:.0f}M peak={peak:.1f} TFLOP/s ({peak_source})")
     print(f"{'scorer':<8} {'s/batch':>9} {'pool tok/s':>12} {'per-model tok/s':>16} {'MFU':>7} {'peak MiB':>9}")
     rows = {}

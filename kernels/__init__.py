@@ -1,37 +1,62 @@
 """Triton kernels, each with a plain-torch reference beside it, and the dispatcher between them.
 
-Three implementations of the fused head: `triton` (the kernels: compiled for CUDA tensors, or
+Four implementations of the fused head: `triton` (the kernels: compiled for CUDA tensors, or
 all launches interpreted when TRITON_INTERPRET=1 was set before Triton's import, which CPU
-tensors need), `reference` (plain torch, logits chunked over tokens, recomputed in backward)
-and `torch` (plain torch with all [N, V] fp32 logits materialised; forward-mode JVPs use the
-reference, which is one chunk at such sizes). `auto` (default) runs compiled Triton on CUDA
-tensors (the reference when Triton is interpreted); on CPU it runs `torch` while the logits
-stay below PLAIN_LOGITS_LIMIT elements (fastest, and no more memory than the materialised
-baseline) and the chunked `reference` above. The
-environment variable DSEL_KERNELS forces one of them; DSEL_KERNEL_CONFIG pins the Triton tiles
-(kernels/linear_ce_triton.py).
+tensors need), `reference` (plain torch, logits chunked over tokens, recomputed in backward),
+`torch` (plain torch with all [N, V] fp32 logits materialised) and `torch-lce` (torch's own
+chunked F.linear_cross_entropy, torch >= 2.13). Forward-mode JVPs of `torch` and `torch-lce`
+run the reference (torch's op has no forward mode). `auto` (default) runs compiled Triton on
+CUDA tensors (the reference when Triton is interpreted) and on CPU the path `cpu_backend`
+picks per shape and mode. The environment variable DSEL_KERNELS forces one of them;
+DSEL_KERNEL_CONFIG pins the Triton tiles (kernels/linear_ce_triton.py).
 """
 import importlib.util
 import os
 
 import torch
+from torch._C._functorch import is_functorch_wrapped_tensor
 
 from dsel.errors import DselError
 from kernels.linear_ce import (IGNORE_INDEX, LinearCrossEntropyFunction, ReferenceBackend, check_inputs,
                                linear_cross_entropy_jvp_reference, linear_cross_entropy_reference,
-                               plain_cross_entropy)
+                               plain_cross_entropy, torch_chunked_cross_entropy)
 from kernels.sequence import sequence_reduce
 
-__all__ = ["IGNORE_INDEX", "backend_name", "head_operands", "linear_cross_entropy", "linear_cross_entropy_jvp",
-           "linear_cross_entropy_reference", "linear_cross_entropy_jvp_reference", "sequence_reduce"]
+__all__ = ["IGNORE_INDEX", "backend_name", "cpu_backend", "head_operands", "linear_cross_entropy",
+           "linear_cross_entropy_jvp", "linear_cross_entropy_reference", "linear_cross_entropy_jvp_reference",
+           "sequence_reduce"]
 
-_MODES = ("auto", "triton", "reference", "torch")
-PLAIN_LOGITS_LIMIT = 1 << 25  # [N, V] elements (128 MiB fp32) up to which CPU materialises the logits
+_MODES = ("auto", "triton", "reference", "torch", "torch-lce")
+
+# CPU dispatch, calibrated on this project's 2-core CI VM (2026-12-02, fp32, shared with other jobs,
+# so +-30% noise; timings of kernels.linear_ce's plain_cross_entropy, ReferenceBackend and
+# F.linear_cross_entropy chunked as the reference, medians of 3-5 calls) at (N, d, V) =
+# (1016, 128, 4096), (256, 768, 50304), (1016, 128, 50304) (with backward) and (4064, 128, 4096):
+# - loss + grad: materialised torch was fastest at every shape, 1.1-2x ahead of both chunked
+#   paths, which recompute the logits in backward (1016x128x50304: 2.1 s vs 3.9 s reference,
+#   6.0 s torch-lce), so it runs while its logits stay within PLAIN_GRAD_LOGITS_LIMIT;
+# - loss alone: the same matmul-bound work, within noise while the logits are a few chunks;
+#   plain ahead at 256x768x50304 (12.9M logits: 0.64-0.87 s vs 0.89-1.19 s), the reference ahead
+#   at 1016x128x50304 in 3 of 4 runs (51M: 0.72-1.29 s vs 1.18-1.63 s) and benchmarks/score.py
+#   --vocab-size 50304 (that shape) 2.7x faster with it, so the switch sits at 2^25 logits;
+# - torch-lce was never faster than the better of the two (forward 0.82 vs 0.68 s, 1.48 vs
+#   1.29 s; on CPU its default chunking, a logits chunk the size of the hidden states, ran 20-40x
+#   slower), so auto does not pick it on CPU; DSEL_KERNELS=torch-lce runs it.
+# Above the limits the chunked reference holds 32 MiB of logits, less than materialised torch.
+PLAIN_LOGITS_LIMIT = 1 << 25  # [N, V] elements (128 MiB fp32) up to which CPU materialises them for the loss
+PLAIN_GRAD_LOGITS_LIMIT = 1 << 26  # the same with a gradient to take (256 MiB fp32, saved for backward)
 
 
-def backend_name(tensor, num_tokens=None, vocab_size=None) -> str:
-    """'triton', 'reference' or 'torch': which implementation runs for this tensor (and this
-    many tokens x vocabulary entries, which decide between the two CPU paths) under DSEL_KERNELS."""
+def cpu_backend(num_tokens, vocab_size, needs_grad=False) -> str:
+    """'torch' or 'reference': the faster CPU path for this many tokens x vocabulary entries, with
+    or without a backward to follow (measurements above)."""
+    limit = PLAIN_GRAD_LOGITS_LIMIT if needs_grad else PLAIN_LOGITS_LIMIT
+    return "torch" if num_tokens * vocab_size <= limit else "reference"
+
+
+def backend_name(tensor, num_tokens=None, vocab_size=None, needs_grad=False) -> str:
+    """'triton', 'reference', 'torch' or 'torch-lce': which implementation runs for this tensor (and,
+    on CPU, this many tokens x vocabulary entries, with or without a gradient) under DSEL_KERNELS."""
     mode = os.environ.get("DSEL_KERNELS", "auto").strip().lower() or "auto"
     if mode not in _MODES:
         raise DselError(f"DSEL_KERNELS={mode!r} is not one of {', '.join(_MODES)}")
@@ -40,9 +65,9 @@ def backend_name(tensor, num_tokens=None, vocab_size=None) -> str:
     if tensor.is_cuda and importlib.util.find_spec("triton"):
         from kernels.linear_ce_triton import INTERPRETED
         return "reference" if INTERPRETED else "triton"  # the interpreter is for CPU tests only
-    if num_tokens is not None and vocab_size is not None and num_tokens * vocab_size > PLAIN_LOGITS_LIMIT:
-        return "reference"
-    return "torch"
+    if num_tokens is None or vocab_size is None:
+        return "torch"
+    return cpu_backend(num_tokens, vocab_size, needs_grad)
 
 
 def _backend(name, tensor):
@@ -91,10 +116,15 @@ def linear_cross_entropy(hidden, weight, targets, seq_ids=None, num_seqs=None, m
     """
     h, y = _flatten(hidden, targets)
     check_inputs(h, weight, y)
-    name = backend_name(h, h.shape[0], weight.shape[0])
+    needs_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    name = backend_name(h, h.shape[0], weight.shape[0], needs_grad)
+    if name == "torch-lce" and is_functorch_wrapped_tensor(h):  # torch.func: torch's op has no forward mode
+        name = "reference"
     with torch.autocast(h.device.type, enabled=False):  # the operands' dtypes decide (head_operands)
         if name == "torch":
             loss = plain_cross_entropy(h, weight, y)
+        elif name == "torch-lce":
+            loss = torch_chunked_cross_entropy(h, weight, y)
         else:
             loss = LinearCrossEntropyFunction.apply(h, weight, y, _backend(name, h))[0]
     return _maybe_reduce(loss, targets, seq_ids, num_seqs, mean)

@@ -60,6 +60,19 @@ def plain_cross_entropy(h, W, y):
     return F.cross_entropy(h.float() @ W.float().T, y.long(), reduction="none", ignore_index=IGNORE_INDEX)
 
 
+def torch_chunked_cross_entropy(h, W, y, budget=LOGITS_BUDGET):
+    """Per-token loss by torch's own chunked head (F.linear_cross_entropy, torch >= 2.13), fp32 math:
+    chunks of `budget` logits like the reference (its default chunks, logits the size of the hidden
+    states, are 20-40x slower on CPU) and the 'accurate' policy (fp32 matmuls on CPU). Reverse mode only."""
+    if not hasattr(F, "linear_cross_entropy"):
+        raise DselError(f"DSEL_KERNELS=torch-lce needs torch >= 2.13 (F.linear_cross_entropy), this is "
+                        f"{torch.__version__}")
+    rows = min(max(1, budget // max(W.shape[0], 1)), max(h.shape[0], 1))
+    options = torch.nn.LinearCrossEntropyOptions(acc_policy="accurate", chunking_method=None, batch_chunk_size=rows)
+    return F.linear_cross_entropy(h.float(), W.float(), y.long(), reduction="none", ignore_index=IGNORE_INDEX,
+                                  options=options)
+
+
 class ReferenceBackend:
     """Plain torch, fp32 math, logits materialised one token chunk at a time.
 

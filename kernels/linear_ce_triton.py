@@ -13,7 +13,8 @@ turn it into that chunk's rows of grad W (written once, in place) and its share 
 chunk buffer [N, chunk] is sized like the hidden states, not fixed.
 
 Every launch goes through `_launch`, which picks the tile shape from `configs(variant)`: on
-GPU by timing each candidate once per (variant, token-count bucket, V, d), or the one pinned by
+GPU by timing each candidate once per (variant, token-count bucket, V, d) after compiling them all
+concurrently (`compile_candidates`), or the one pinned by
 DSEL_KERNEL_CONFIG=<i> (the i-th of each list; 0 = the first). tests/test_kernels_compile.py
 compiles every (variant, config) pair for sm_90a and sm_80 and checks shared memory, spills and
 tensor-core instructions, so only configs that launch are listed.
@@ -253,8 +254,9 @@ def _pinned_index():
     return int(value)
 
 
-def _choose(variant: Variant, key: tuple, run) -> triton.Config:
-    """The config for this launch: pinned, cached, or the fastest candidate timed once for this key."""
+def _choose(variant: Variant, key: tuple, run, compile_all) -> triton.Config:
+    """The config for this launch: pinned, cached, or the fastest candidate timed once for this key
+    (after `compile_all(candidates)` has compiled them all at once)."""
     candidates = configs(variant)
     pinned = _pinned_index()
     if pinned is not None:
@@ -264,9 +266,43 @@ def _choose(variant: Variant, key: tuple, run) -> triton.Config:
         if len(candidates) == 1:
             _CHOSEN[key] = candidates[0]
         else:
+            compile_all(candidates)
             times = [triton.testing.do_bench(lambda c=c: run(c), warmup=5, rep=20) for c in candidates]
             _CHOSEN[key] = candidates[times.index(min(times))]
     return _CHOSEN[key]
+
+
+def launch_options(variant: Variant, config: triton.Config) -> dict:
+    """The keyword arguments of a compiled launch (constexprs, tiles, warps, stages): what a warm-up
+    must pass too for its kernel to be the one the launch finds in Triton's cache."""
+    return dict(variant.constexprs(), **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def compile_candidates(variant: Variant, candidates, args_for, workers=None) -> list:
+    """Compile every candidate config of the variant's kernel at once; the compiled kernels, in order.
+
+    Each `kernel.warmup(*args_for(config), ...)` goes to Triton's AsyncCompileMode, which runs the
+    compiler in a thread pool: the MLIR passes and the ptxas subprocesses of different configs
+    overlap, so tuning waits about for the longest compile instead of their sum. `args_for(config)`
+    gives the launch's positional arguments (tensors, or torch dtypes standing in for them as in
+    Triton's warmup); the kernels land in the JIT cache under the key the launches then look up.
+    kernels/compile_check.py runs this same path for sm_90a on a CPU machine.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from triton.runtime._async_compile import AsyncCompileMode, FutureKernel
+
+    kernel = KERNELS[variant.kernel]
+    workers = workers or max(1, min(len(candidates), os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool, AsyncCompileMode(pool):
+        pending = [kernel.warmup(*args_for(c), grid=(1,), **launch_options(variant, c)) for c in candidates]
+    return [k.result() if isinstance(k, FutureKernel) else k for k in pending]  # else: compiled before
+
+
+def tuning_key(n_tokens: int, vocab_size: int, dim: int) -> tuple:
+    """The autotune cache key beside the variant: the token count's bucket (the next power of two, at
+    least 16: varying batch sizes tune a few times, not per call) and the exact V and d (fixed per model)."""
+    return 1 << max(4, (max(n_tokens, 1) - 1).bit_length()), vocab_size, dim
 
 
 def _launch(name: str, variant: Variant, n_tokens: int, shape_key: tuple, prepare):
@@ -276,21 +312,18 @@ def _launch(name: str, variant: Variant, n_tokens: int, shape_key: tuple, prepar
     buffer whose shape depends on the tiles); the outputs of the run that counts are returned.
     """
     kernel = KERNELS[name]
-    precision = variant.constexprs()["PRECISION"]
-    flags = {k: v for k, v in variant.constexprs().items() if k.startswith("HAS_")}
     if INTERPRETED:
         grid, args, outputs = prepare(INTERPRETER_BLOCKS)
-        kernel[grid](*args, UPCAST=True, PRECISION=precision, **flags, **INTERPRETER_BLOCKS)
+        kernel[grid](*args, **dict(variant.constexprs(), UPCAST=True, **INTERPRETER_BLOCKS))
         return outputs
 
     def run(config):
         grid, args, outputs = prepare(config.kwargs)
-        kernel[grid](*args, UPCAST=False, PRECISION=precision, **flags, **config.kwargs,
-                       num_warps=config.num_warps, num_stages=config.num_stages)
+        kernel[grid](*args, **launch_options(variant, config))
         return outputs
 
-    bucket = 1 << max(4, (max(n_tokens, 1) - 1).bit_length())  # next power of two, at least 16
-    return run(_choose(variant, (bucket,) + shape_key, run))
+    compile_all = lambda candidates: compile_candidates(variant, candidates, lambda c: prepare(c.kwargs)[1])
+    return run(_choose(variant, tuning_key(n_tokens, *shape_key), run, compile_all))
 
 
 def _vocab_splits(num_tokens, vocab_size, block_n, block_v, device):

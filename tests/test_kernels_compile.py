@@ -2,7 +2,7 @@
 would launch: shared memory within the block limit, no register spills, and tensor-core
 instructions in every bf16 / TF32 variant. No GPU needed: Triton compiles for a target that is not
 here (kernels/compile_check.py), in a pool of fresh processes without TRITON_INTERPRET, with a
-Triton cache inside pytest's tmp folder.
+Triton cache inside pytest's tmp folder. The autotuner's concurrent compile builds the same kernels.
 """
 import concurrent.futures as cf
 import json
@@ -13,32 +13,41 @@ import pytest
 import torch
 
 import kernels.linear_ce_triton as K
-from kernels.compile_check import all_cases, compile_report, problems
+from kernels.compile_check import all_cases, compile_report, concurrent_compile_reports, problems
 
 CASES = all_cases()
+CONCURRENT_VARIANT = "sweep-fwd-bf16"  # three configs, among the quickest to compile
+CONCURRENT_CASES = [case for case in CASES if case[0] == CONCURRENT_VARIANT and case[2] == 90]
 
 
-@pytest.fixture(scope="module")
-def reports(request, tmp_path_factory):
-    """{case: report or the compile error} for the selected cases, compiled in parallel in fresh processes."""
-    selected = {item.callspec.params["case"] for item in request.session.items
-                if getattr(item, "callspec", None) and "case" in item.callspec.params}
-    cache = tmp_path_factory.mktemp("triton-cache")
+def _in_fresh_processes(jobs, cache):
+    """[result or the error as a string] of each (function, args) job, run in a pool of fresh processes
+    that compile (no TRITON_INTERPRET) with a Triton cache in `cache`."""
     with pytest.MonkeyPatch.context() as env:
         env.setenv("TRITON_CACHE_DIR", str(cache))
         env.delenv("TRITON_INTERPRET", raising=False)  # the workers compile; they must not interpret
         env.setenv("TRITON_DEFAULT_FP_FUSION", "1")
         workers = max(1, min(4, len(os.sched_getaffinity(0))))
         with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            # exact fp32 (FMA) configs compile slowest: start them first
-            order = sorted(selected, key=lambda case: ("ieee" not in case[0], case))
-            futures = {case: pool.submit(compile_report, *case) for case in order}
-            out = {}
-            for case, future in futures.items():
+            futures = [pool.submit(fn, *args) for fn, args in jobs]
+            out = []
+            for future in futures:
                 try:
-                    out[case] = future.result()
+                    out.append(future.result())
                 except Exception as e:  # a compile error is a failed case, reported by its test
-                    out[case] = f"{type(e).__name__}: {str(e)[:400]}"
+                    out.append(f"{type(e).__name__}: {str(e)[:400]}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def reports(request, tmp_path_factory):
+    """{case: report or the compile error} for the selected cases (and those the concurrent-compile
+    test compares with), each compiled one at a time in a fresh process."""
+    selected = {item.callspec.params["case"] for item in request.session.items
+                if getattr(item, "callspec", None) and "case" in item.callspec.params}
+    order = sorted(selected | set(CONCURRENT_CASES), key=lambda case: ("ieee" not in case[0], case))  # FMA first
+    results = _in_fresh_processes([(compile_report, case) for case in order], tmp_path_factory.mktemp("triton-cache"))
+    out = dict(zip(order, results))
     if os.environ.get("DSEL_COMPILE_REPORT"):  # optional: keep the table (e.g. for benchmarks/RESULTS.md)
         with open(os.environ["DSEL_COMPILE_REPORT"], "w") as f:
             json.dump([r for r in out.values() if isinstance(r, dict)], f, indent=1)
@@ -68,6 +77,19 @@ def test_every_launch_reaches_a_listed_variant():
                 torch.set_float32_matmul_precision(before)
             assert reached <= listed, reached - listed
     assert all(K.configs(v) for v in listed)
+
+
+def test_tuner_compiles_its_candidates_concurrently_into_the_same_kernels(reports, tmp_path):
+    """The autotuner's compile step (linear_ce_triton.compile_candidates: JIT warm-ups of every
+    candidate at once in Triton's AsyncCompileMode) builds, for sm_90a, the very kernels that
+    separate one-at-a-time compiles build: same shared memory, same PTX."""
+    concurrent, = _in_fresh_processes([(concurrent_compile_reports, (CONCURRENT_VARIANT, 90))], tmp_path)
+    assert isinstance(concurrent, list), concurrent
+    serial = [reports[case] for case in CONCURRENT_CASES]
+    assert len(concurrent) == len(serial) == len(K.configs(K.Variant("sweep", "bf16"))) > 1
+    for one_by_one, together in zip(serial, concurrent):
+        assert isinstance(one_by_one, dict), one_by_one
+        assert (together["shared"], together["ptx_sha256"]) == (one_by_one["shared"], one_by_one["ptx_sha256"])
 
 
 class _FakeCuda:

@@ -117,19 +117,62 @@ def test_bad_inputs_raise_one_line_errors(monkeypatch):
         kernels.linear_cross_entropy(c["hidden"], c["weight"], c["targets"])
 
 
-def test_cpu_picks_plain_torch_for_small_logits_and_chunks_large_ones(monkeypatch):
+CPU_CANDIDATES = ["torch", "reference", "torch-lce"]
+
+
+@pytest.mark.parametrize("candidate", CPU_CANDIDATES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_cpu_candidate_gives_the_full_logits_loss_and_gradients(monkeypatch, candidate, dtype):
+    """Whichever CPU path the dispatcher picks, loss and gradients are those of full-logits autograd."""
+    monkeypatch.setenv("DSEL_KERNELS", candidate)
+    c = make_case(*SHAPES[0], dtype=dtype)
+    h, W = c["hidden"].clone().requires_grad_(), c["weight"].clone().requires_grad_()
+    loss = kernels.linear_cross_entropy(h, W, c["targets"])
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, brute_loss(c["hidden"], c["weight"], c["targets"]), rtol=1e-5, atol=1e-5)
+    grad_h, grad_W = torch.autograd.grad((loss * c["upstream"]).sum(), (h, W))
+    assert grad_h.dtype == dtype and grad_W.dtype == dtype
+    want_h, want_W = brute_grads(c["hidden"], c["weight"], c["targets"], c["upstream"])
+    rtol, atol = tol(dtype)
+    torch.testing.assert_close(grad_h.float(), want_h, rtol=rtol, atol=atol)
+    torch.testing.assert_close(grad_W.float(), want_W, rtol=rtol, atol=atol)
+
+
+def test_torch_lce_chunks_and_under_torch_func_jvp_takes_the_reference(monkeypatch):
+    """torch's chunked op in several chunks equals full logits; torch.func.jvp (which that op cannot
+    differentiate) gets the reference's fused tangent instead of an error."""
+    from kernels.linear_ce import torch_chunked_cross_entropy
+
+    c = make_case(*SHAPES[0])
+    torch.testing.assert_close(torch_chunked_cross_entropy(c["hidden"], c["weight"], c["targets"], budget=5 * 100),
+                               brute_loss(c["hidden"], c["weight"], c["targets"]), rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("DSEL_KERNELS", "torch-lce")
+    fn = lambda h, W: kernels.linear_cross_entropy(h, W, c["targets"], seq_ids=c["seq_ids"], num_seqs=c["num_seqs"])
+    loss, tangent = torch.func.jvp(fn, (c["hidden"], c["weight"]), (c["d_hidden"], c["d_weight"]))
+    want_loss, want_dots = brute_sequence_dots(c)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tangent, want_dots, rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_dispatch_follows_the_calibrated_limits_per_mode(monkeypatch):
     monkeypatch.delenv("DSEL_KERNELS", raising=False)
     assert kernels.backend_name(torch.zeros(1), 1000, 4096) == "torch"
-    assert kernels.backend_name(torch.zeros(1), 1 << 14, 1 << 12) == "reference"  # 2**26 logits > limit
-    monkeypatch.setattr(kernels, "PLAIN_LOGITS_LIMIT", 37 * 99)
-    c = make_case(*SHAPES[0])  # 37 tokens x 100 entries: now above the limit
-    assert kernels.backend_name(c["hidden"], 37, 100) == "reference"
+    assert kernels.backend_name(torch.zeros(1), 1 << 14, 1 << 12) == "reference"  # 2**26 logits > 2**25
+    assert kernels.backend_name(torch.zeros(1), 1 << 14, 1 << 12, needs_grad=True) == "torch"  # <= 2**26
+    assert kernels.backend_name(torch.zeros(1), 1 << 14, 1 << 13, needs_grad=True) == "reference"
+    chosen = []
+    real = kernels.cpu_backend
+    monkeypatch.setattr(kernels, "cpu_backend", lambda *a: (chosen.append(real(*a)), chosen[-1])[1])
+    monkeypatch.setattr(kernels, "PLAIN_LOGITS_LIMIT", 37 * 99)  # 37 tokens x 100 entries: above it
+    c = make_case(*SHAPES[0])
     h = c["hidden"].clone().requires_grad_()
+    with torch.no_grad():
+        no_grad_loss = kernels.linear_cross_entropy(h, c["weight"], c["targets"])
     loss = kernels.linear_cross_entropy(h, c["weight"], c["targets"])
-    torch.testing.assert_close(loss, brute_loss(c["hidden"], c["weight"], c["targets"]), rtol=1e-5, atol=1e-5)
-    grad_h, = torch.autograd.grad((loss * c["upstream"]).sum(), h)
-    torch.testing.assert_close(grad_h, brute_grads(c["hidden"], c["weight"], c["targets"], c["upstream"])[0],
-                               rtol=1e-4, atol=1e-5)
+    assert chosen == ["reference", "torch"]  # scoring chunks; with a backward to follow, it materialises
+    want = brute_loss(c["hidden"], c["weight"], c["targets"])
+    torch.testing.assert_close(no_grad_loss, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
     monkeypatch.setenv("DSEL_KERNELS", "triton")
     assert kernels.backend_name(torch.zeros(1)) == "triton"
 

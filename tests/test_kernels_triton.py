@@ -118,31 +118,34 @@ def test_interpreted_triton_never_multiplies_bf16_raw_and_auto_keeps_cuda_off_it
     assert kernels.backend_name(cuda_like) == "reference"
 
 
-def test_config_choice_is_pinned_or_timed_once_per_shape_bucket(monkeypatch):
+def test_config_choice_is_pinned_or_compiled_together_then_timed_once_per_shape_bucket(monkeypatch):
     import triton.testing
 
     import kernels.linear_ce_triton as K
 
     variant = K.Variant("sweep", "bf16")
     candidates = K.configs(variant)
-    timed = []
-    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (timed.append(1), fn())[1])
+    events = []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (events.append("time"), fn())[1])
     monkeypatch.setattr(K, "_CHOSEN", {})
-    runs = []
     speed = {id(c): t for c, t in zip(candidates, [3.0, 1.0, 2.0])}
-    run = lambda c: (runs.append(c), speed[id(c)])[1]
+    run = lambda c: speed[id(c)]
+    compile_all = lambda configs: events.append(("compile", tuple(configs)))
+    key = K.tuning_key(1000, 50304, 768)
+    assert key == (1024, 50304, 768) and K.tuning_key(1, 17, 8) == (16, 17, 8)
     monkeypatch.setenv(K.CONFIG_ENV, "2")
-    assert K._choose(variant, (1024, 50304, 768), run) is candidates[2] and not runs
+    assert K._choose(variant, key, run, compile_all) is candidates[2] and not events
     monkeypatch.setenv(K.CONFIG_ENV, "99")  # past the end of a short list: its last entry
-    assert K._choose(variant, (1024, 50304, 768), run) is candidates[-1]
+    assert K._choose(variant, key, run, compile_all) is candidates[-1]
     monkeypatch.setenv(K.CONFIG_ENV, "fast")
     with pytest.raises(DselError, match="DSEL_KERNEL_CONFIG"):
-        K._choose(variant, (1024, 50304, 768), run)
+        K._choose(variant, key, run, compile_all)
     monkeypatch.delenv(K.CONFIG_ENV)
-    assert K._choose(variant, (1024, 50304, 768), run) is candidates[1]  # the fastest
-    assert K._choose(variant, (1024, 50304, 768), run) is candidates[1] and len(timed) == 3  # cached
-    K._choose(variant, (2048, 50304, 768), run)  # another token bucket is timed again
-    assert len(timed) == 6
+    assert K._choose(variant, key, run, compile_all) is candidates[1]  # the fastest
+    assert events == [("compile", candidates)] + ["time"] * 3  # all compiled at once, before any timing
+    assert K._choose(variant, key, run, compile_all) is candidates[1] and len(events) == 4  # cached
+    K._choose(variant, K.tuning_key(2000, 50304, 768), run, compile_all)  # another token bucket: tuned again
+    assert len(events) == 8
 
 
 def test_backward_chunk_is_sized_like_the_hidden_states():
