@@ -10,6 +10,9 @@ CONFIGS = {
     "gelu": GPTConfig(vocab_size=97, seq_len=16, n_layer=2, n_head=4, d_model=32),
     "swiglu-gqa-bias": GPTConfig(vocab_size=97, seq_len=16, n_layer=2, n_head=4, n_query_groups=2, d_model=32,
                                  activation="swiglu", norm="rmsnorm", bias=True, tie_embeddings=True),
+    # the CoLoR presets' settings beyond the core GPT, with GQA so the key norm's width differs from the query's
+    "qk-layernorm-no-norm-bias-gqa": GPTConfig(vocab_size=97, seq_len=16, n_layer=2, n_head=4, n_query_groups=2,
+                                               d_model=32, norm_bias=False, qk_layernorm=True),
 }
 
 
@@ -47,8 +50,9 @@ def test_cached_decoding_matches_rerunning_the_window(name):
     assert cut == rerun_greedy(model, prompt, 14, eos_id=stop_at)
 
 
-def test_cached_step_logits_equal_the_full_forward():
-    model = sharp_model(CONFIGS["swiglu-gqa-bias"])
+@pytest.mark.parametrize("name", ["swiglu-gqa-bias", "qk-layernorm-no-norm-bias-gqa"])
+def test_cached_step_logits_equal_the_full_forward(name):
+    model = sharp_model(CONFIGS[name])
     tokens = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full = model(tokens)

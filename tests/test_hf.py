@@ -65,7 +65,7 @@ def randomised(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def hf_logits(folder, tokens: torch.Tensor) -> torch.Tensor:
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=True).eval()
     with torch.no_grad():
         return model(tokens).logits
 
@@ -116,44 +116,73 @@ def test_hf_tokenizer_tokenize_train_export_same_logits(e2e):
 
 SHRUNK_PRESETS = {name: replace(cfg, vocab_size=320, seq_len=32, n_layer=2, d_model=8 * cfg.n_head)
                   for name, cfg in PRESETS.items()}
-PRESET_ARCHS = {name: cfg for name, cfg in SHRUNK_PRESETS.items() if not settings_beyond_core(cfg)}
-UNEXPORTABLE = {name: cfg for name, cfg in SHRUNK_PRESETS.items() if settings_beyond_core(cfg)}
+PRESET_ARCHS = dict(SHRUNK_PRESETS)
 PRESET_ARCHS["llama-gqa"] = GPTConfig(vocab_size=320, seq_len=32, n_layer=2, n_head=4, n_query_groups=2, d_model=32,
                                       norm="rmsnorm", activation="swiglu", rope_base=500000.0)
 PRESET_ARCHS["llama-bias-tied"] = replace(PRESET_ARCHS["llama-gqa"], bias=True, tie_embeddings=True, n_query_groups=None)
 PRESET_ARCHS["neox-bias-tied"] = replace(PRESET_ARCHS["tiny"], bias=True, tie_embeddings=True)
+# no native class: GPT-NeoX has no GQA; the CoLoR settings with GQA, biases and a tied head
+PRESET_ARCHS["layernorm-gqa-tied"] = replace(PRESET_ARCHS["tiny"], n_query_groups=2, tie_embeddings=True)
+PRESET_ARCHS["color-gqa-bias"] = replace(PRESET_ARCHS["color-150m"], n_query_groups=4, bias=True)
+# which transformers class each exports as (the mapping documented in dsel/models/hf.py)
+EXPORTED_CLASS = {name: "GPTNeoXForCausalLM" for name in PRESET_ARCHS}
+EXPORTED_CLASS.update({"llama-gqa": "LlamaForCausalLM", "llama-bias-tied": "LlamaForCausalLM",
+                       "color-150m": "DselForCausalLM", "color-1b": "DselForCausalLM",
+                       "layernorm-gqa-tied": "DselForCausalLM", "color-gqa-bias": "DselForCausalLM"})
+
+
+def test_every_preset_has_an_expected_export_class():
+    assert set(PRESETS) <= set(EXPORTED_CLASS)
 
 
 @pytest.mark.parametrize("name", sorted(PRESET_ARCHS))
 def test_export_and_import_give_equal_logits(name, bpe, tmp_path):
-    """Each preset's architecture (sizes shrunk) and the Llama mapping: transformers' logits equal dsel's in
-    fp32, and importing the export gives back the same dsel model."""
+    """Every preset's architecture (sizes shrunk) and the other mappings: transformers' logits equal dsel's in
+    fp32, and importing the export gives back the same dsel model. Architectures no native class computes
+    export as DselForCausalLM with its modeling code in the folder (loaded with trust_remote_code=True)."""
     config = PRESET_ARCHS[name]
     model = randomised(GPT(config), seed=len(name))
     save_model(tmp_path / "ckpt", model, {"tokenizer": str(bpe)})
     main(["export", "hf", f"model={tmp_path / 'ckpt'}", f"out={tmp_path / 'hf'}"])
-    expected = "LlamaForCausalLM" if config.norm == "rmsnorm" else "GPTNeoXForCausalLM"
-    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == [expected]
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert hf_config["architectures"] == [EXPORTED_CLASS[name]]
     assert (tmp_path / "hf" / "model.safetensors").is_file()
+    remote = EXPORTED_CLASS[name] == "DselForCausalLM"
+    assert (tmp_path / "hf" / "modeling_dsel.py").is_file() == remote == ("auto_map" in hf_config)
     tokens = torch.randint(0, config.vocab_size, (2, config.seq_len), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours = model(tokens)
     torch.testing.assert_close(hf_logits(tmp_path / "hf", tokens), ours, atol=1e-5, rtol=0)
     imported, meta = load_model(tmp_path / "hf")
+    assert imported.config == replace(config, ffn_hidden=config.ffn_size)  # the import states the MLP width
     with torch.no_grad():
         torch.testing.assert_close(imported(tokens), ours, atol=1e-6, rtol=0)
     assert meta["tokenizer"] == str(bpe)
 
 
-@pytest.mark.parametrize("name", sorted(UNEXPORTABLE))
-def test_presets_beyond_the_mapped_architectures_are_refused(name, bpe, tmp_path, capsys):
-    """Presets with settings no transformers mapping covers yet (the CoLoR presets' QK-LayerNorm and bias-free
-    LayerNorm): one line naming them, nothing written."""
-    config = UNEXPORTABLE[name]
-    save_model(tmp_path / "ckpt", GPT(config), {"tokenizer": str(bpe)})
-    line = cli_error(capsys, ["export", "hf", f"model={tmp_path / 'ckpt'}", f"out={tmp_path / 'hf'}"])
-    assert f"{settings_beyond_core(config)[0]}=" in line and "no transformers equivalent" in line, line
-    assert not (tmp_path / "hf").exists()
+def test_remote_code_export_generates_like_dsel(bpe, tmp_path):
+    """transformers' generate on a DselForCausalLM export, with its KV cache and without, and with a left-padded
+    batch, gives dsel's own greedy tokens."""
+    from dsel.models.generate import greedy_generate
+
+    config = replace(PRESET_ARCHS["color-gqa-bias"], seq_len=64)
+    model = randomised(GPT(config), seed=5).eval()
+    save_model(tmp_path / "ckpt", model, {"tokenizer": str(bpe)})
+    main(["export", "hf", f"model={tmp_path / 'ckpt'}", f"out={tmp_path / 'hf'}"])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True,
+                                                           dtype=torch.float32).eval()
+    prompts = [[5, 17, 250, 3, 99, 41, 7, 8, 12], [60, 61, 62, 63]]
+    settings = dict(max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    expected = [greedy_generate(model, p, 12, stop=lambda ids: False) for p in prompts]
+    with torch.no_grad():
+        for use_cache in (True, False):
+            out = hf.generate(torch.tensor([prompts[0]]), use_cache=use_cache, **settings)
+            assert out[0, len(prompts[0]):].tolist() == expected[0]
+        width = max(map(len, prompts))  # left padding, as batched generation pads decoder-only models
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        out = hf.generate(ids, attention_mask=mask, **settings)
+    assert [row[width:].tolist() for row in out] == expected
 
 
 def tiny_transformers_model(kind: str, folder: Path, tokenizer: Path, vocab: int = 300) -> torch.nn.Module:
@@ -196,11 +225,20 @@ def test_import_transformers_folder_as_model_and_init(kind, bpe, tmp_path):
     assert json.loads((tmp_path / "loss.json").read_text())["losses"]["d"]["loss"] > 0
 
 
-def test_lm_eval_hf_runs_the_export_offline(e2e, tmp_path):
-    """Stock `lm_eval --model hf` on the exported folder, offline, scoring a bundled local task."""
-    root, _ = e2e
+@pytest.mark.parametrize("kind", ["native", "remote-code"])
+def test_lm_eval_hf_runs_the_export_offline(kind, e2e, tmp_path):
+    """Stock `lm_eval --model hf` on an exported folder, offline, scoring a bundled local task: the trained
+    tiny model (GPT-NeoX) and a CoLoR-preset model (DselForCausalLM, trust_remote_code=True)."""
+    root, tok = e2e
+    folder, model_args = root / "hf", f"pretrained={root / 'hf'},dtype=float32"
+    if kind == "remote-code":
+        config = replace(PRESET_ARCHS["color-150m"], vocab_size=384, seq_len=64)
+        save_model(tmp_path / "ckpt", randomised(GPT(config)), {"tokenizer": str(tok)})
+        main(["export", "hf", f"model={tmp_path / 'ckpt'}", f"out={tmp_path / 'hf'}"])
+        folder = tmp_path / "hf"
+        model_args = f"pretrained={folder},dtype=float32,trust_remote_code=True"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    command = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={root / 'hf'},dtype=float32",
+    command = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", model_args,
                "--tasks", "dsel_science_facts", "--include_path", str(TASKS_DIR), "--limit", "8", "--device", "cpu",
                "--batch_size", "4", "--output_path", str(tmp_path / "results")]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)

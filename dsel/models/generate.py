@@ -4,8 +4,9 @@
 
 The cached step runs the model's own modules (norms, projections, MLP, head) and recomputes only
 the attention over cached keys and values, so it gives the tokens a full forward of the window
-gives (tested against it). A model with settings beyond the core GPT (dsel.models.config.CORE_FIELDS)
-is decoded by rerunning the window, which is always right. When the sequence outgrows the context,
+gives (tested against it). Settings beyond the core GPT (dsel.models.config.CORE_FIELDS) that the
+cached step also computes are listed in CACHED_SETTINGS (the CoLoR presets' QK-LayerNorm and
+bias-free LayerNorm); a model with any other is decoded by rerunning the window, which is always right. When the sequence outgrows the context,
 the window slides: the last `seq_len` tokens are prefilled again, exactly what rerunning the window
 would see.
 """
@@ -19,9 +20,12 @@ import torch.nn.functional as F
 from dsel.models.config import GPTConfig, settings_beyond_core
 from dsel.models.gpt import apply_rotary, rotary_frequencies
 
+CACHED_SETTINGS = frozenset({"norm_bias", "qk_layernorm"})  # beyond the core GPT, reproduced by cached_forward
+
+
 def supports_cache(config: GPTConfig) -> bool:
-    """Whether the cached step computes what the model computes (no setting beyond the core GPT in use)."""
-    return not settings_beyond_core(config)
+    """Whether the cached step computes what the model computes (no setting it does not reproduce in use)."""
+    return set(settings_beyond_core(config)) <= CACHED_SETTINGS
 
 
 def cached_forward(model, tokens: torch.Tensor, cache: list | None, offset: int) -> tuple[torch.Tensor, list]:
@@ -37,6 +41,9 @@ def cached_forward(model, tokens: torch.Tensor, cache: list | None, offset: int)
         qkv = attention.linear_qkv(layer.input_layernorm(x)).view(b, length, attention.groups,
                                                                   (per_group + 2) * attention.head_dim)
         q, k, v = qkv.split([per_group * attention.head_dim, attention.head_dim, attention.head_dim], dim=-1)
+        if hasattr(attention, "q_layernorm"):  # over the full width, before the head split (as SelfAttention)
+            q = attention.q_layernorm(q.reshape(b, length, -1))
+            k = attention.k_layernorm(k.reshape(b, length, -1)).view(b, length, attention.groups, attention.head_dim)
         q = apply_rotary(q.reshape(b, length, attention.n_head, attention.head_dim), angles)
         k = apply_rotary(k, angles)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))

@@ -4,19 +4,26 @@
                                                       # AutoModelForCausalLM / AutoTokenizer.from_pretrained
     read_model_config("hf/SmolLM-135M")               # dsel.models.checkpoint reads a transformers folder too
 
-Which architecture a dsel GPT becomes (the two are exact: same logits in fp32):
+Which architecture a dsel GPT becomes (all exact: the same logits in fp32):
 
-    dsel GPTConfig                              transformers
-    norm=rmsnorm, activation=swiglu (any GQA)   LlamaForCausalLM   (model_type "llama")
-    norm=layernorm, activation=gelu, no GQA     GPTNeoXForCausalLM (model_type "gpt_neox", sequential residual,
-                                                                    rotary on the whole head)
+    dsel GPTConfig                                  transformers
+    norm=rmsnorm, activation=swiglu (any GQA)       LlamaForCausalLM   (model_type "llama")
+    norm=layernorm, activation=gelu, no GQA         GPTNeoXForCausalLM (model_type "gpt_neox", sequential residual,
+                                                                        rotary on the whole head)
+    anything else: qk_layernorm, norm_bias=False,   DselForCausalLM    (model_type "dsel_gpt", modeling code shipped
+    layernorm with GQA, rmsnorm with gelu, ...                          in the folder: trust_remote_code=True)
 
-Every preset in dsel.models.config.PRESETS is layernorm/gelu, so it exports as GPT-NeoX. The
-weights map one to one: megatron's fused grouped QKV is split into Llama's q/k/v projections (or
+Presets: tiny, small-cpu, pds-160m, pds-scorer-125m and gpt-1b are layernorm/gelu and export as
+GPT-NeoX; color-150m and color-1b (OLMo's full-width QK-LayerNorm, LayerNorm without a bias) have
+no native transformers class and export as DselForCausalLM, whose code (dsel/models/hf_remote/)
+is copied into the folder the way OLMo's hf_olmo shipped before transformers had OLMo: stock
+transformers, lm-eval (`trust_remote_code=True`) and `generate` load it; vLLM does not.
+The weights map one to one: megatron's fused grouped QKV is split into Llama's q/k/v projections (or
 is already GPT-NeoX's per-head [q, k, v] layout), SwiGLU's stacked fc1 into gate and up
-projections; GPT-NeoX's MLP always has biases, written as zeros when the dsel model has none.
-Importing accepts the same two architectures and refuses, in one line, what dsel's GPT cannot
-express (parallel residual, partial rotary, rope scaling, a head size other than d_model / heads).
+projections; GPT-NeoX's MLP always has biases, written as zeros when the dsel model has none;
+DselForCausalLM keeps dsel's parameter names. Importing accepts the same three architectures and
+refuses, in one line, what dsel's GPT cannot express (parallel residual, partial rotary, rope
+scaling, a head size other than d_model / heads).
 """
 from __future__ import annotations
 
@@ -30,8 +37,10 @@ import torch
 from dsel.errors import DselError, file_error
 from dsel.models.config import GPTConfig, settings_beyond_core
 
-LLAMA, NEOX = "llama", "gpt_neox"
-CLASSES = {LLAMA: "LlamaForCausalLM", NEOX: "GPTNeoXForCausalLM"}
+LLAMA, NEOX, DSEL = "llama", "gpt_neox", "dsel_gpt"
+CLASSES = {LLAMA: "LlamaForCausalLM", NEOX: "GPTNeoXForCausalLM", DSEL: "DselForCausalLM"}
+REMOTE_CODE = Path(__file__).with_name("hf_remote")  # DselForCausalLM's files, copied into its exports
+REMOTE_FILES = ("configuration_dsel.py", "modeling_dsel.py")
 DSEL_META = "dsel_meta.json"  # the exported checkpoint's dsel meta (tokenizer identity, provenance)
 
 
@@ -49,20 +58,16 @@ def is_hf_folder(path: str | os.PathLike) -> bool:
 
 # ---- architecture mapping -------------------------------------------------------------------
 
-def hf_model_type(config: GPTConfig, source: str) -> str:
-    """The transformers model_type that computes exactly what a dsel GPT of `config` computes."""
-    unmapped = settings_beyond_core(config)
-    if unmapped:
-        raise file_error(source, f"{unmapped[0]}={getattr(config, unmapped[0])!r} has no transformers equivalent here")
+def hf_model_type(config: GPTConfig) -> str:
+    """The transformers model_type that computes exactly what a dsel GPT of `config` computes: a native
+    class where one does, else dsel's own (shipped as remote code)."""
+    if settings_beyond_core(config):
+        return DSEL
     if config.norm == "rmsnorm" and config.activation == "swiglu":
         return LLAMA
-    if config.norm == "layernorm" and config.activation == "gelu":
-        if config.kv_heads != config.n_head:
-            raise file_error(source, "layernorm/gelu with grouped-query attention has no transformers equivalent "
-                                     "(GPT-NeoX has no GQA)")
+    if config.norm == "layernorm" and config.activation == "gelu" and config.kv_heads == config.n_head:
         return NEOX
-    raise file_error(source, f"norm={config.norm} with activation={config.activation} has no transformers equivalent "
-                             "(supported: rmsnorm+swiglu -> Llama, layernorm+gelu -> GPT-NeoX)")
+    return DSEL
 
 
 def hf_config(config: GPTConfig, model_type: str, eod_id: int | None):
@@ -74,6 +79,14 @@ def hf_config(config: GPTConfig, model_type: str, eod_id: int | None):
                   max_position_embeddings=config.seq_len, initializer_range=config.init_std,
                   tie_word_embeddings=config.tie_embeddings, eos_token_id=eod_id, bos_token_id=None,
                   architectures=[CLASSES[model_type]])
+    if model_type == DSEL:
+        from dsel.models.hf_remote.configuration_dsel import DselGPTConfig
+
+        return DselGPTConfig(**common, num_key_value_heads=config.kv_heads, hidden_act=config.activation,
+                             norm=config.norm, norm_eps=config.norm_eps, norm_bias=config.norm_bias,
+                             qk_layernorm=config.qk_layernorm, bias=config.bias, rope_theta=config.rope_base,
+                             auto_map={"AutoConfig": "configuration_dsel.DselGPTConfig",
+                                       "AutoModelForCausalLM": "modeling_dsel.DselForCausalLM"})
     if model_type == LLAMA:
         return LlamaConfig(**common, num_key_value_heads=config.kv_heads, head_dim=config.head_dim, hidden_act="silu",
                            rms_norm_eps=config.norm_eps, attention_bias=config.bias, mlp_bias=config.bias,
@@ -100,6 +113,11 @@ def gpt_config_from_hf(hf: dict, source: str | os.PathLike) -> GPTConfig:
                   n_layer=hf["num_hidden_layers"], n_head=n_head, d_model=d_model,
                   ffn_hidden=hf["intermediate_size"], rope_base=float(theta), init_std=hf.get("initializer_range", 0.02),
                   tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+    if model_type == DSEL:
+        kv = hf.get("num_key_value_heads") or n_head
+        return GPTConfig(**common, n_query_groups=None if kv == n_head else kv, activation=hf["hidden_act"],
+                         norm=hf["norm"], norm_eps=hf["norm_eps"], norm_bias=bool(hf["norm_bias"]),
+                         qk_layernorm=bool(hf["qk_layernorm"]), bias=bool(hf["bias"])).validate(str(source))
     if model_type == LLAMA:
         if hf.get("hidden_act", "silu") != "silu":
             raise file_error(source, f"hidden_act {hf['hidden_act']!r} is not supported (Llama import needs silu)")
@@ -171,6 +189,8 @@ def _join_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: GPTConf
 
 def to_hf_state(state: dict[str, torch.Tensor], config: GPTConfig, model_type: str) -> dict[str, torch.Tensor]:
     """dsel GPT state dict -> transformers state dict (zero biases where GPT-NeoX has them and dsel has none)."""
+    if model_type == DSEL:  # dsel's own names
+        return {k: v.contiguous() for k, v in state.items()}
     out = {}
     for i in range(config.n_layer):
         pairs = _layer_pairs(model_type, i)
@@ -197,6 +217,8 @@ def to_hf_state(state: dict[str, torch.Tensor], config: GPTConfig, model_type: s
 def from_hf_state(hf: dict[str, torch.Tensor], config: GPTConfig, model_type: str,
                   source: str | os.PathLike) -> dict[str, torch.Tensor]:
     """transformers state dict -> dsel GPT state dict (refusing GPT-NeoX MLP biases a bias-free dsel model lacks)."""
+    if model_type == DSEL:  # dsel's own names; a tied head is the embedding
+        return {k: v for k, v in hf.items() if not (config.tie_embeddings and k == "output_layer.weight")}
     hf = {("lm_head.weight" if k == "embed_out.weight" else k): v for k, v in hf.items()}  # older GPT-NeoX name
 
     def take(name: str) -> torch.Tensor:
@@ -284,7 +306,7 @@ def export_hf(model_dir: str | os.PathLike, out: str | os.PathLike, tokenizer: s
     model, meta = load_model(model_dir)
     if getattr(model, "arch", None) != "gpt":
         raise file_error(model_dir, f"holds a '{model.arch}' model; only GPT language models export to transformers")
-    model_type = hf_model_type(model.config, str(model_dir))
+    model_type = hf_model_type(model.config)
     tokenizer_path = tokenizer or meta.get("tokenizer")
     if not tokenizer_path:
         raise file_error(model_dir, "checkpoint records no tokenizer; set tokenizer= (the one its data was tokenized with)")
@@ -302,6 +324,9 @@ def export_hf(model_dir: str | os.PathLike, out: str | os.PathLike, tokenizer: s
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         hf_model.save_pretrained(tmp, safe_serialization=True)
+        if model_type == DSEL:
+            for name in REMOTE_FILES:
+                shutil.copyfile(REMOTE_CODE / name, tmp / name)
         save_for_transformers(tok, tmp, model.config.seq_len)
         (tmp / DSEL_META).write_text(json.dumps({**meta, "exported_from": str(model_dir)}, indent=2, sort_keys=True,
                                                 default=str) + "\n")
@@ -316,10 +341,14 @@ def build_hf_model(model: torch.nn.Module, model_type: str, eod_id: int | None):
     import transformers
 
     config = hf_config(model.config, model_type, eod_id)
-    hf_model = getattr(transformers, CLASSES[model_type])(config)
+    if model_type == DSEL:
+        from dsel.models.hf_remote.modeling_dsel import DselForCausalLM as model_class
+    else:
+        model_class = getattr(transformers, CLASSES[model_type])
+    hf_model = model_class(config)
     state = to_hf_state({k: v.detach().float().cpu() for k, v in model.state_dict().items()}, model.config, model_type)
     missing, unexpected = hf_model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    missing = [k for k in missing if not (config.tie_word_embeddings and k in ("lm_head.weight", "output_layer.weight"))]
     if missing or unexpected:
         raise DselError(f"internal: transformers {CLASSES[model_type]} weights missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]}")
