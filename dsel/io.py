@@ -310,3 +310,17 @@ def tree_digest(folder: str | os.PathLike, skip: tuple[str, ...] = ()) -> str:
         content = f"size:{path.stat().st_size}" if same_idx else file_digest(path)
         digest.update(f"{rel}\0{content}\n".encode())
     return digest.hexdigest()[:32]
+
+
+# ----- reuse keys: what a saved result was made from -------------------------------------------------
+def differences(old, new, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, old value, new value) of every leaf in which two nested dicts differ."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return [] if old == new else [(prefix, old, new)]
+    return [d for k in sorted(set(old) | set(new), key=str)
+            for d in differences(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))]
+
+
+def describe_differences(old, new) -> str:
+    """The keys in which two reuse keys differ, for an error message: "inputs.data ['a'] -> ['b'], lr 0.1 -> 0.2"."""
+    return ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in differences(old, new))

@@ -33,7 +33,8 @@ import numpy as np
 from dsel.data.docids import doc_ids_path, domains_path, read_doc_ids, read_document_strings
 from dsel.data.windows import Windows, corpus_prefix, source_name
 from dsel.errors import DselError, file_error
-from dsel.io import atomic_path, dataset_digest, output_lock, progress, read_json, require_file, write_json
+from dsel.io import (atomic_path, dataset_digest, describe_differences, output_lock, progress, read_json,
+                     require_file, write_json)
 from dsel.score.stats import column_stats, score_histogram, table_stats
 
 log = logging.getLogger(__name__)
@@ -107,16 +108,7 @@ def count_windows(job: dict, shards: list[int]) -> int:
 def mismatch(old: dict, new: dict) -> str:
     """The settings in which two job specs differ (dotted keys, e.g. meta.digests.prior), for an error message."""
     keys = ("columns", "window", "num_windows", "corpus", "shard_size", "meta")
-    return ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in differences({k: old.get(k) for k in keys},
-                                                                         {k: new.get(k) for k in keys}))
-
-
-def differences(old, new, prefix: str = "") -> list[tuple[str, object, object]]:
-    """(dotted key, old value, new value) of every leaf in which two nested dicts differ."""
-    if not isinstance(old, dict) or not isinstance(new, dict):
-        return [] if old == new else [(prefix, old, new)]
-    return [d for k in sorted(set(old) | set(new), key=str)
-            for d in differences(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))]
+    return describe_differences({k: old.get(k) for k in keys}, {k: new.get(k) for k in keys})
 
 
 def open_job(out: Path, windows: Windows, columns: list[str], shard_size: int | None, batch_size: int,
