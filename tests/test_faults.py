@@ -473,3 +473,78 @@ def test_stage_runner_reuses_by_content(tmp_path):
     (tmp_path / "run" / "b" / "b.txt").write_text("QQQ")  # output altered in place
     pipeline()
     assert runs[5:] == ["b"] and (tmp_path / "run" / "b" / "b.txt").read_text() == "ZYX"
+
+
+def copy_dataset(prefix: Path, to: Path) -> Path:
+    """Copy the files of dataset `prefix` (bin, idx, meta, doc ids) to prefix `to`."""
+    for path in prefix.parent.glob(prefix.name + ".*"):
+        shutil.copy(path, to.parent / (to.name + path.name[len(prefix.name):]))
+    return to
+
+
+def rewrite_as_one_document(prefix: Path) -> None:
+    """Replace dataset `prefix` in place by its token stream as one document: same .bin size, new content."""
+    from dsel.data.indexed import IndexedDataset, IndexedDatasetWriter
+
+    source = IndexedDataset(str(prefix))
+    stream, dtype = np.array(source.stream), source.dtype
+    del source
+    with IndexedDatasetWriter(prefix, dtype) as writer:
+        writer.add_document(stream)
+
+
+def test_train_resume_is_keyed_by_content_not_paths(work, tmp_path):
+    """`dsel train` rerun: a moved but identical dataset resumes; new data at the same path is refused,
+    naming the differing key (inputs.data)."""
+    from dsel.train.commands import run_train
+    from dsel.train.config import TrainConfig
+
+    def train(data):
+        return run_train(from_dict(TrainConfig, {"data": [str(data)], "out": str(tmp_path / "t"), "steps": 2,
+                                                 "batch_size": 2, "device": "cpu", "preset": "tiny", "model": GPT}))
+    train(copy_dataset(work / "base", tmp_path / "a"))
+    weights = (tmp_path / "t" / "model" / "model.safetensors").read_bytes()
+    train(copy_dataset(work / "base", tmp_path / "b"))  # same content elsewhere: the finished run is current
+    assert (tmp_path / "t" / "model" / "model.safetensors").read_bytes() == weights
+    rewrite_as_one_document(tmp_path / "b")
+    with pytest.raises(DselError, match=r"state.pt: belongs to a run with inputs\.data="):
+        train(tmp_path / "b")
+
+
+def solve_settings(work, out: Path, **extra) -> dict:
+    """A seconds-long `dsel pds solve` of the prior on 24 windows of the corpus (target: its first documents)."""
+    return {"model": str(work / "prior"), "proxy": str(work / "base"), "target": str(work / "base"), "out": str(out),
+            "device": "cpu", "num_proxy": 24, "num_target": 8, "solver": {"steps": 3, "lr": 0.5, **extra}}
+
+
+def test_pds_solve_resume_is_keyed_by_content_not_paths(work, tmp_path):
+    """`dsel pds solve` rerun: a moved but identical model resumes; the model retrained in place is refused,
+    naming the differing key (inputs.model)."""
+    from dsel.models.checkpoint import load_model, save_model
+    from dsel.pds.commands import SolveConfig, run_solve
+
+    shutil.copytree(work / "prior", tmp_path / "m")
+    settings = {**solve_settings(work, tmp_path / "s"), "model": str(tmp_path / "m")}
+    run_solve(from_dict(SolveConfig, settings))
+    shutil.copytree(work / "prior", tmp_path / "moved")
+    run_solve(from_dict(SolveConfig, {**settings, "model": str(tmp_path / "moved"), "solver": {
+        **settings["solver"], "outer_epochs": 2}}))  # resumes after epoch 1 with the moved model
+    model, meta = load_model(tmp_path / "m")
+    with torch.no_grad():
+        model.head_weight.mul_(1.5)
+    save_model(tmp_path / "m", model, meta)
+    with pytest.raises(DselError, match=r"state\.json: was written by a solve of other settings or data "
+                                        r"\(inputs\.model "):
+        run_solve(from_dict(SolveConfig, settings))
+
+
+def test_pds_micro_batch_does_not_change_the_solve(work, tmp_path):
+    """solver.micro_batch (left out of the solve's resume key): G and gamma equal across micro-batch sizes
+    (float32, to 1e-5 relative)."""
+    from dsel.pds.commands import SolveConfig, run_solve
+
+    for micro in (3, 24):
+        run_solve(from_dict(SolveConfig, solve_settings(work, tmp_path / str(micro), micro_batch=micro)))
+    for name in ("G.npy", "gamma.npy"):
+        a, b = (np.load(tmp_path / str(micro) / name) for micro in (3, 24))
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(a).max(), err_msg=name)
