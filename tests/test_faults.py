@@ -548,3 +548,68 @@ def test_pds_micro_batch_does_not_change_the_solve(work, tmp_path):
     for name in ("G.npy", "gamma.npy"):
         a, b = (np.load(tmp_path / str(micro) / name) for micro in (3, 24))
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(a).max(), err_msg=name)
+
+
+def test_killed_dataset_publish_is_finished_by_the_next_writer(work, tmp_path):
+    """A tokenize killed while moving its finished dataset into place (new .bin, old .idx, no manifest): the
+    next writer of the prefix finishes the move; the dataset equals the new one, no staging folder left."""
+    from dsel.io import STAGED
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    copy_dataset(work / "base", old)
+    copy_dataset(work / "base", new)
+    rewrite_as_one_document(new)
+    staging = tmp_path / ".ds.tmp-999999999"  # a dead writer's staging folder, complete
+    staging.mkdir()
+    for path in tmp_path.glob("new.*"):
+        shutil.copy(path, staging / ("ds" + path.name[3:]))
+    (staging / STAGED).touch()
+    copy_dataset(old, tmp_path / "ds")
+    shutil.copy(new.with_suffix(".bin"), tmp_path / "ds.bin")  # killed after its first move
+    (tmp_path / "ds.meta.json").unlink()
+    with output_lock(tmp_path / "ds"):
+        pass
+    for suffix in (".bin", ".idx", ".docids.jsonl", ".meta.json"):
+        assert Path(f"{tmp_path / 'ds'}{suffix}").read_bytes() == Path(f"{new}{suffix}").read_bytes(), suffix
+    assert leftovers(tmp_path / "ds") == []
+
+
+def test_tokenize_overwrite_replaces_the_dataset_as_a_unit(work, tmp_path):
+    """`dsel tokenize overwrite=true` over a dataset of another corpus: the new dataset's files replace the
+    old ones together (byte-identical to a fresh tokenize), old sidecars it lacks removed, no temp files."""
+    half = tmp_path / "half.jsonl"
+    half.write_text("".join((work / "corpus.jsonl").read_text().splitlines(keepends=True)[:100]))
+
+    def tokenize(source, out, *extra):
+        main(["tokenize", f"input={source}", f"output={out}", f"tokenizer={work / 'base.model'}", "workers=1", *extra])
+    tokenize(work / "corpus.jsonl", tmp_path / "ds", "id_field=id", "domain_field=id")
+    tokenize(half, tmp_path / "ref")
+    tokenize(half, tmp_path / "ds", "overwrite=true")
+    for suffix in (".bin", ".idx", ".docids.jsonl"):
+        assert Path(f"{tmp_path / 'ds'}{suffix}").read_bytes() == Path(f"{tmp_path / 'ref'}{suffix}").read_bytes()
+    assert not Path(f"{tmp_path / 'ds'}.domains.jsonl").exists() and leftovers(tmp_path / "ds") == []
+
+
+@pytest.mark.parametrize("command", ["tokenize", "select"])
+def test_bad_input_creates_no_output_folder(work, tmp_path, capsys, command):
+    """A bad input (a broken tokenizer, a missing score table) into a new nested out: one line, exit 2, and
+    no folder of the output created (inputs are refused before anything is written)."""
+    out = tmp_path / "new" / "deeper" / "out"
+    (tmp_path / "broken.model").write_bytes(b"not a sentencepiece model")
+    args = {"tokenize": ["tokenize", f"input={work / 'corpus.jsonl'}", f"output={out}",
+                         f"tokenizer={tmp_path / 'broken.model'}"],
+            "select": ["select", f"scores={tmp_path / 'missing'}", f"out={out}", "column=color"]}[command]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("name, content", [(".sel.lock", ""), (".sel.lock", "999999999\n"),
+                                           (".sel.rank1.lock", "999999999\n")])
+def test_stale_lock_files_are_taken_over_and_cleaned(work, tmp_path, name, content):
+    """A lock file a killed writer left (no pid written yet, a dead pid, another rank's tag): the next writer
+    runs and no lock file remains."""
+    (tmp_path / name).write_text(content)
+    main(["select", f"scores={work / 'scores'}", f"out={tmp_path / 'sel'}", "fraction=0.3", "column=color"])
+    assert (tmp_path / "sel" / "selection.json").is_file() and leftovers(tmp_path / "sel") == []
