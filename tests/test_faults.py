@@ -613,3 +613,56 @@ def test_stale_lock_files_are_taken_over_and_cleaned(work, tmp_path, name, conte
     (tmp_path / name).write_text(content)
     main(["select", f"scores={work / 'scores'}", f"out={tmp_path / 'sel'}", "fraction=0.3", "column=color"])
     assert (tmp_path / "sel" / "selection.json").is_file() and leftovers(tmp_path / "sel") == []
+
+
+BRACED_GPT = json.dumps(GPT).replace("{", "{{").replace("}", "}}")
+FULL_DISK_COMMANDS = {
+    "tokenize": ["tokenize", "input={corpus}", "output={out}/ds", "tokenizer={base}.model", "workers=1"],
+    "train": ["train", "data=[{base}]", "out={out}", "steps=5", "preset=tiny", "model=" + BRACED_GPT],
+    "select": ["select", "scores={scores}", "out={out}", "column=color"],
+    "score": ["score", "corpus={base}", "window=17", "scorer=color", "settings={{prior: {prior}, cond: {cond}}}",
+              "out={out}", "device=cpu"],
+    "color score": ["color", "score", "corpus={base}", "prior={prior}", "cond={cond}", "out={out}", "device=cpu"],
+    "color finetune": ["color", "finetune", "prior={prior}", "target={corpus}", "tokenizer={base}.model",
+                       "out={out}", "device=cpu"],
+    "color train-prior": ["color", "train-prior", "corpus={base}", "out={out}",
+                          "train={{steps: 2, preset: tiny, model: " + BRACED_GPT + "}}"],
+    "pds solve": ["pds", "solve", "model={prior}", "proxy={base}", "target={base}", "out={out}", "num_proxy=24",
+                  "solver.steps=3", "device=cpu"],
+    "pds fit-scorer": ["pds", "fit-scorer", "gamma={solve}", "out={out}", "device=cpu"],
+    "pds score": ["pds", "score", "corpus={base}", "model={scorer}", "out={out}", "device=cpu"],
+    "eval loss": ["eval", "loss", "checkpoint={prior}", "data={{a: {base}}}", "out={out}/loss.json", "device=cpu"],
+}
+
+
+@pytest.fixture(scope="module")
+def solved(work):
+    """A finished `dsel pds solve` of the prior and a PDS scorer checkpoint (window 17) made from it."""
+    from dsel.models.checkpoint import load_model, save_model
+    from dsel.models.scorer import Scorer
+    from dsel.pds.commands import SolveConfig, run_solve
+
+    run_solve(from_dict(SolveConfig, solve_settings(work, work / "solve")))
+    save_model(work / "scorer", Scorer.from_gpt(load_model(work / "prior")[0]), {"window": 17})
+    return work
+
+
+@pytest.mark.parametrize("command", list(FULL_DISK_COMMANDS))
+def test_full_disk_is_refused_before_any_work(solved, tmp_path, capsys, monkeypatch, command):
+    """Too little free disk for the output (estimated: checkpoint ~ params x 4 bytes, scores ~ windows x 4
+    bytes, ...): one line naming the output and the space needed, exit 2, nothing written (every command)."""
+    import dsel.io
+
+    work = solved
+    paths = {"corpus": work / "corpus.jsonl", "base": work / "base", "scores": work / "scores",
+             "prior": work / "prior", "cond": work / "cond", "solve": work / "solve", "scorer": work / "scorer"}
+    out = tmp_path / "out"
+    args = [a.format(out=out, **paths) for a in FULL_DISK_COMMANDS[command]]
+    real = shutil.disk_usage
+    monkeypatch.setattr(dsel.io.shutil, "disk_usage", lambda p: real(p)._replace(free=0))
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "MiB but its filesystem has 0.0 MiB free" in err and str(out) in err, err
+    assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))

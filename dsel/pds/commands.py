@@ -29,7 +29,7 @@ from dsel.config import option, to_dict
 from dsel.data.meta import check_same_tokenizer
 from dsel.data.windows import corpus_prefix
 from dsel.errors import DselError, file_error
-from dsel.io import atomic_path, check_writable, read_json, write_json, writes_output
+from dsel.io import atomic_path, check_free_space, check_writable, read_json, write_json, writes_output
 from dsel.pds.fit import FitConfig
 from dsel.pds.solver import SolverConfig
 from dsel.score.commands import open_windows
@@ -142,6 +142,8 @@ def run_solve(cfg: SolveConfig) -> Path:
         proxy = load_tokens(cfg.proxy, window, cfg.num_proxy, cfg.memmap_dtype, lm)
         target = load_target_examples(cfg, window, lm)
         out = Path(cfg.out)
+        # float32 G rows of every outer epoch, in state/ and the output, plus gamma, target and their copies
+        check_free_space(out, len(proxy) * 4 * (2 * cfg.solver.outer_epochs + 6), "the solve's outputs")
         key = _solve_key(cfg, proxy, target, window)
         gamma, rows, objectives, start_epoch = _resume_state(out, key, len(proxy), cfg.solver.outer_epochs) if cfg.resume \
             else (None, [], [], 0)
@@ -303,7 +305,7 @@ def tokens_digest(arrays) -> str:
 def run_fit_scorer(cfg: FitScorerConfig) -> dict:
     """Fit the scorer on the solve's target.npy; keep the best-validation-Spearman model with its metrics."""
     from dsel.device import resolve_device
-    from dsel.models.checkpoint import load_model, save_model
+    from dsel.models.checkpoint import checkpoint_bytes, load_model, save_model
     from dsel.models.scorer import Scorer
     from dsel.pds.fit import fit_scorer
 
@@ -326,6 +328,7 @@ def run_fit_scorer(cfg: FitScorerConfig) -> dict:
     check_same_tokenizer(init, meta, corpus_prefix(windows.source))
     tokens = windows.batch(np.arange(len(target)))
     check_vocab(tokens, gpt.config.vocab_size, proxy, init)
+    check_free_space(cfg.out, checkpoint_bytes(gpt.config), "the scorer checkpoint")
     scorer = Scorer.from_gpt(gpt).float()
     metrics = fit_scorer(scorer, tokens, target, cfg.fit, device)
     metrics["target_kind"] = info.get("target_kind", "gamma")

@@ -33,8 +33,8 @@ import numpy as np
 from dsel.data.docids import doc_ids_path, domains_path, read_doc_ids, read_document_strings
 from dsel.data.windows import Windows, corpus_prefix, source_name
 from dsel.errors import DselError, file_error
-from dsel.io import (atomic_path, dataset_digest, describe_differences, output_lock, progress, read_json,
-                     require_file, write_json)
+from dsel.io import (atomic_path, check_free_space, dataset_digest, describe_differences, output_lock, progress,
+                     read_json, require_file, write_json)
 from dsel.score.stats import column_stats, score_histogram, table_stats
 
 log = logging.getLogger(__name__)
@@ -256,6 +256,7 @@ def score_windows(windows: Windows, scorer, out_dir, batch_size: int, shard_size
 def _score_rank(windows: Windows, scorer, out: Path, batch_size: int, shard_size: int | None, device, meta,
                 rank: int, world_size: int) -> Path:
     """This rank's unfinished shards, then the merge (see score_windows)."""
+    check_free_space(out, score_bytes(len(windows), len(scorer.columns)), "the scores")
     job = open_job(out, windows, list(scorer.columns), shard_size, batch_size, meta or {})
     owned = list(range(rank, num_shards(job), world_size))
     todo = [k for k in owned if not shard_done(out, k, job["fingerprint"])]
@@ -269,6 +270,11 @@ def _score_rank(windows: Windows, scorer, out: Path, batch_size: int, shard_size
         for k in todo:
             score_shard(windows, scorer, out, job, k, batch_size, worker, bar)
     return finish(out, windows, rank)
+
+
+def score_bytes(num_windows: int, num_columns: int) -> int:
+    """About the disk scores take: float32 columns plus window, doc and token columns, in shards and the table."""
+    return 2 * num_windows * (num_columns + 3) * 4
 
 
 def finish(out: Path, windows: Windows, rank: int) -> Path:
