@@ -649,8 +649,9 @@ def solved(work):
 
 @pytest.mark.parametrize("command", list(FULL_DISK_COMMANDS))
 def test_full_disk_is_refused_before_any_work(solved, tmp_path, capsys, monkeypatch, command):
-    """Too little free disk for the output (estimated: checkpoint ~ params x 4 bytes, scores ~ windows x 4
-    bytes, ...): one line naming the output and the space needed, exit 2, nothing written (every command)."""
+    """Too little free disk for the output (an estimate, e.g. a checkpoint ~ params x 4 bytes x 2, scores ~
+    windows x 4 bytes per column): one line naming the output and the space needed, exit 2, nothing written
+    (every writing command)."""
     import dsel.io
 
     work = solved

@@ -16,7 +16,6 @@ saves its state after every outer epoch under `state/` and resumes from there wi
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
