@@ -2,6 +2,7 @@
 digests, input checks, progress bars."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -14,6 +15,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -104,8 +106,12 @@ def output_lock(out: str | os.PathLike, tag: str = "") -> Iterator[Path]:
         finally:
             _HELD[str(path)] -= 1
         return
-    check_writable(out)
-    fd = _acquire(path, out)
+    created = check_writable(out)
+    try:
+        fd = _acquire(path, out)
+    except BaseException:
+        remove_empty(created)
+        raise
     _HELD[str(path)] = 1
     try:
         remove_stale(out)
@@ -114,6 +120,14 @@ def output_lock(out: str | os.PathLike, tag: str = "") -> Iterator[Path]:
         del _HELD[str(path)]
         path.unlink(missing_ok=True)  # still holding the flock: a waiting writer re-checks the inode
         os.close(fd)
+        remove_empty(created)  # a command refused on a bad input leaves no output folder behind
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove the folders (deepest first) that are still empty: the ones a refused command created."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def rank_tag() -> str:
@@ -134,7 +148,9 @@ def writes_output(field: str = "out"):
 
 
 def _acquire(path: Path, out: Path) -> int:
-    """An exclusive flock on `path` (created if need be) that still names the file at `path`."""
+    """An exclusive flock on `path` (created if need be) that still names the file at `path`; a lock held
+    under a dead pid (a writer taking over or cleaning up a killed one's lock) is waited for, briefly."""
+    attempts = 200
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -145,6 +161,11 @@ def _acquire(path: Path, out: Path) -> int:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
+            if not holder.isdigit() or not _alive(int(holder)):  # being taken over or cleaned up: a moment
+                time.sleep(0.01)
+                attempts -= 1
+                if attempts > 0:
+                    continue
             raise file_error(out, f"in use by pid {holder} (another dsel command writes it); wait for it to "
                                   "finish or choose another output") from None
         try:
@@ -161,12 +182,17 @@ def _acquire(path: Path, out: Path) -> int:
         os.close(fd)  # the previous holder removed that file after we opened it: lock the new one
 
 
-def check_writable(out: str | os.PathLike) -> None:
-    """One line, before any work, when output `out` cannot be written (read-only folder or filesystem)."""
+def check_writable(out: str | os.PathLike) -> list[Path]:
+    """One line, before any work, when output `out` cannot be written (read-only folder or filesystem).
+
+    Creates the output's parent folder; returns the folders it created, deepest first (`remove_empty`).
+    """
     out = Path(out).absolute()
+    created = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
+        remove_empty(created)
         raise file_error(out.parent, f"cannot create the output folder ({e.strerror})") from None
     for folder in [out.parent] + ([out] if out.is_dir() else []):
         probe = folder / f".dsel-write-probe-{os.getpid()}"
@@ -174,7 +200,9 @@ def check_writable(out: str | os.PathLike) -> None:
             os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
             probe.unlink()
         except OSError as e:
+            remove_empty(created)
             raise file_error(folder, f"output folder is not writable ({e.strerror})") from None
+    return created
 
 
 def check_free_space(out: str | os.PathLike, need: int, what: str = "the output") -> None:
@@ -195,9 +223,15 @@ def remove_stale(out: str | os.PathLike) -> None:
     if not out.parent.is_dir():
         return
     for path in sorted(out.parent.glob(f".{glob.escape(out.name)}.*")):
+        if path.name.endswith(".lock"):
+            remove_unheld_lock(path)
+            continue
         match = _STALE.search(path.name)
         if not match or _alive(int(match.group(2))):
             continue
+        if (path / STAGED).is_file():
+            log.info("finishing the publishing of %s, interrupted by a kill", out)
+            move_prefix_files(path, out)
         if match.group(1) == "old" and path.name == f".{out.name}.old-{match.group(2)}" and not out.exists():
             log.info("restoring %s, moved aside by a killed writer", out)
             os.replace(path, out)
@@ -236,6 +270,63 @@ def publish_dir(out: str | os.PathLike) -> Iterator[Path]:
         raise file_error(out, f"could not be written ({e.strerror or e}); the previous output is kept") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_unheld_lock(path: Path) -> None:
+    """Delete a lock file no process holds (one a killed writer left, whatever its tag); a held one stays."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return
+    try:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if holder.isdigit() and not _alive(int(holder)):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a writer taking it over right now keeps it
+            log.info("removing %s, left by a killed writer", path)
+            path.unlink(missing_ok=True)
+    except BlockingIOError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def publish_prefix(out: str | os.PathLike) -> Iterator[Path]:
+    """Yield a staging prefix (in a temporary sibling folder) for the files `<out>.*` of a dataset; when the
+    block succeeds they replace the old ones as a unit: the old manifest `<out>.meta.json` goes first, the
+    new one comes last, so the files beside a manifest are always one dataset. A kill while the files move
+    is finished by the next writer of `out` (`remove_stale`). Hold `output_lock(out)` around it."""
+    out = Path(out).absolute()
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp / out.name
+        (tmp / STAGED).touch()  # complete: from here on the new dataset wins
+        move_prefix_files(tmp, out)
+    except OSError as e:
+        if not out_of_space(e):
+            raise
+        raise file_error(out, f"could not be written ({e.strerror or e}); the previous output is kept") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+STAGED = "STAGED"  # in a staging folder of publish_prefix: its files are complete and to be moved in
+MANIFEST = ".meta.json"
+SIDECARS = (".docids.jsonl", ".domains.jsonl", ".fields.jsonl")  # optional: an old one the new dataset lacks goes
+
+
+def move_prefix_files(staging: Path, out: Path) -> None:
+    """Move the files `<staging>/<name>.*` onto `<out>.*`, the manifest last (see publish_prefix)."""
+    staged = {p.name[len(out.name):]: p for p in staging.iterdir() if p.name.startswith(out.name + ".")}
+    Path(f"{out}{MANIFEST}").unlink(missing_ok=True)
+    for suffix in SIDECARS:
+        if suffix not in staged:
+            Path(f"{out}{suffix}").unlink(missing_ok=True)
+    for suffix in sorted(staged, key=lambda s: s == MANIFEST):
+        os.replace(staged[suffix], f"{out}{suffix}")
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def out_of_space(error: OSError) -> bool:
@@ -310,3 +401,17 @@ def tree_digest(folder: str | os.PathLike, skip: tuple[str, ...] = ()) -> str:
         content = f"size:{path.stat().st_size}" if same_idx else file_digest(path)
         digest.update(f"{rel}\0{content}\n".encode())
     return digest.hexdigest()[:32]
+
+
+# ----- reuse keys: what a saved result was made from -------------------------------------------------
+def differences(old, new, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, old value, new value) of every leaf in which two nested dicts differ."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return [] if old == new else [(prefix, old, new)]
+    return [d for k in sorted(set(old) | set(new), key=str)
+            for d in differences(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))]
+
+
+def describe_differences(old, new) -> str:
+    """The keys in which two reuse keys differ, for an error message: "inputs.data ['a'] -> ['b'], lr 0.1 -> 0.2"."""
+    return ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in differences(old, new))

@@ -93,26 +93,34 @@ FOOTER = """
   `.<out>.rankR.lock` (ranks write one output together; two jobs on one output still collide).
 - **Published whole** (`dsel.io.publish_dir`): a selection is built in `.<out>.tmp-PID` and swapped
   into place with `renameat2(RENAME_EXCHANGE)` (two renames where the kernel lacks it; a kill between
-  them is repaired by the next writer). Single files go through `atomic_path`; checkpoints through the
-  same folder swap. Resumable stages (score shards, training state) keep their progress; their
+  them is repaired by the next writer). A tokenized dataset (`<out>.bin/.idx/...` files, no folder of
+  its own) is built under `.<out>.tmp-PID/` and moved in by `publish_prefix`: the old `<out>.meta.json`
+  goes first, the new one comes last, and a kill during the moves is finished by the next writer of the
+  prefix. Single files go through `atomic_path`; checkpoints through the same folder swap. Resumable stages (score shards, training state) keep their progress; their
   manifest (`scores.json`, `gamma.json`, the stage's `DONE.json`) is written last and checked by readers.
-  Temporary files of killed writers are removed when the next writer takes the lock.
+  Temporary files and lock files of killed writers are removed when the next writer takes the lock; a
+  refused command removes the output folders it created.
 - **Reuse by content**: score jobs key on the corpus digest (sha256 of the `.idx` plus the `.bin` size;
   for a headerless token file its size and first/last MiB) and on `checkpoint_digest` of every model
   (sha256 of the weight files, saved as `digest.json` at save time, recomputed when absent or when the
   files changed size). `dsel run` keys every stage on its result-changing settings (not `workers`,
   `chunk_rows`, `shards`, `overwrite`), the sha256 of the corpus files it reads (cached by size and
   mtime in `run_dir/.input-digests.json`) and the output digests of the stages it reads; a stage is done
-  only while the files its `DONE.json` lists are still there, unchanged.
+  only while the files its `DONE.json` lists are still there, unchanged. `dsel train` resumes only with
+  the same settings (not `device`, `precision`, eval/save cadence, `valid`, `log`) and the same content
+  of `data` (dataset digests), `init` (checkpoint digest) and `weights` (file digest), wherever they now
+  lie; `dsel pds solve` likewise with the model's digest and the digests of the proxy and target tokens
+  it read (not `solver.micro_batch`, proven result-invariant). A mismatch names the differing key.
 - **Up front**: every command checks that its output can be written before any work
-  (`check_writable`); `select` and `tokenize` check free space for their estimated output
-  (`check_free_space`); a full disk, quota or file-size limit during a write is one line (`dsel.cli`),
+  (`check_writable`) and that its filesystem has room for the estimated output (`check_free_space`:
+  a checkpoint ~ params x 4 bytes, twice while it replaces the old one; training state 4x that; scores
+  ~ windows x 4 bytes per column; a dataset ~ half its text size); a full disk, quota or file-size limit during a write is one line (`dsel.cli`),
   and the previous output stays in place.
 
 Known limits: two Megatron datasets with identical document lengths and `.bin` size share a digest (the
-`.idx` holds lengths, not tokens); `dsel tokenize` writes `.bin/.idx/.docids.jsonl/.meta.json` as
-separate atomic files (a kill between them, re-tokenizing the same inputs, can leave the new tokens
-beside the old sidecars until the rerun finishes); locks need a filesystem with `flock` (not every NFS).
+`.idx` holds lengths, not tokens); a reader that opens a dataset while its publishing is killed
+mid-move sees no `.meta.json` beside mixed files until the next writer finishes the move; a tokenizer
+trained by `dsel tokenize` is written to `<out>.model` before the dataset is published; locks need a filesystem with `flock` (not every NFS).
 """
 
 if __name__ == "__main__":

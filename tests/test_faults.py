@@ -473,3 +473,197 @@ def test_stage_runner_reuses_by_content(tmp_path):
     (tmp_path / "run" / "b" / "b.txt").write_text("QQQ")  # output altered in place
     pipeline()
     assert runs[5:] == ["b"] and (tmp_path / "run" / "b" / "b.txt").read_text() == "ZYX"
+
+
+def copy_dataset(prefix: Path, to: Path) -> Path:
+    """Copy the files of dataset `prefix` (bin, idx, meta, doc ids) to prefix `to`."""
+    for path in prefix.parent.glob(prefix.name + ".*"):
+        shutil.copy(path, to.parent / (to.name + path.name[len(prefix.name):]))
+    return to
+
+
+def rewrite_as_one_document(prefix: Path) -> None:
+    """Replace dataset `prefix` in place by its token stream as one document: same .bin size, new content."""
+    from dsel.data.indexed import IndexedDataset, IndexedDatasetWriter
+
+    source = IndexedDataset(str(prefix))
+    stream, dtype = np.array(source.stream), source.dtype
+    del source
+    with IndexedDatasetWriter(prefix, dtype) as writer:
+        writer.add_document(stream)
+
+
+def test_train_resume_is_keyed_by_content_not_paths(work, tmp_path):
+    """`dsel train` rerun: a moved but identical dataset resumes; new data at the same path is refused,
+    naming the differing key (inputs.data)."""
+    from dsel.train.commands import run_train
+    from dsel.train.config import TrainConfig
+
+    def train(data):
+        return run_train(from_dict(TrainConfig, {"data": [str(data)], "out": str(tmp_path / "t"), "steps": 2,
+                                                 "batch_size": 2, "device": "cpu", "preset": "tiny", "model": GPT}))
+    train(copy_dataset(work / "base", tmp_path / "a"))
+    weights = (tmp_path / "t" / "model" / "model.safetensors").read_bytes()
+    train(copy_dataset(work / "base", tmp_path / "b"))  # same content elsewhere: the finished run is current
+    assert (tmp_path / "t" / "model" / "model.safetensors").read_bytes() == weights
+    rewrite_as_one_document(tmp_path / "b")
+    with pytest.raises(DselError, match=r"state.pt: belongs to a run with inputs\.data="):
+        train(tmp_path / "b")
+
+
+def solve_settings(work, out: Path, **extra) -> dict:
+    """A seconds-long `dsel pds solve` of the prior on 24 windows of the corpus (target: its first documents)."""
+    return {"model": str(work / "prior"), "proxy": str(work / "base"), "target": str(work / "base"), "out": str(out),
+            "device": "cpu", "num_proxy": 24, "num_target": 8, "solver": {"steps": 3, "lr": 0.5, **extra}}
+
+
+def test_pds_solve_resume_is_keyed_by_content_not_paths(work, tmp_path):
+    """`dsel pds solve` rerun: a moved but identical model resumes; the model retrained in place is refused,
+    naming the differing key (inputs.model)."""
+    from dsel.models.checkpoint import load_model, save_model
+    from dsel.pds.commands import SolveConfig, run_solve
+
+    shutil.copytree(work / "prior", tmp_path / "m")
+    settings = {**solve_settings(work, tmp_path / "s"), "model": str(tmp_path / "m")}
+    run_solve(from_dict(SolveConfig, settings))
+    shutil.copytree(work / "prior", tmp_path / "moved")
+    run_solve(from_dict(SolveConfig, {**settings, "model": str(tmp_path / "moved"), "solver": {
+        **settings["solver"], "outer_epochs": 2}}))  # resumes after epoch 1 with the moved model
+    model, meta = load_model(tmp_path / "m")
+    with torch.no_grad():
+        model.head_weight.mul_(1.5)
+    save_model(tmp_path / "m", model, meta)
+    with pytest.raises(DselError, match=r"state\.json: was written by a solve of other settings or data "
+                                        r"\(inputs\.model "):
+        run_solve(from_dict(SolveConfig, settings))
+
+
+def test_pds_micro_batch_does_not_change_the_solve(work, tmp_path):
+    """solver.micro_batch (left out of the solve's resume key): G and gamma equal across micro-batch sizes
+    (float32, to 1e-5 relative)."""
+    from dsel.pds.commands import SolveConfig, run_solve
+
+    for micro in (3, 24):
+        run_solve(from_dict(SolveConfig, solve_settings(work, tmp_path / str(micro), micro_batch=micro)))
+    for name in ("G.npy", "gamma.npy"):
+        a, b = (np.load(tmp_path / str(micro) / name) for micro in (3, 24))
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(a).max(), err_msg=name)
+
+
+def test_killed_dataset_publish_is_finished_by_the_next_writer(work, tmp_path):
+    """A tokenize killed while moving its finished dataset into place (new .bin, old .idx, no manifest): the
+    next writer of the prefix finishes the move; the dataset equals the new one, no staging folder left."""
+    from dsel.io import STAGED
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    copy_dataset(work / "base", old)
+    copy_dataset(work / "base", new)
+    rewrite_as_one_document(new)
+    staging = tmp_path / ".ds.tmp-999999999"  # a dead writer's staging folder, complete
+    staging.mkdir()
+    for path in tmp_path.glob("new.*"):
+        shutil.copy(path, staging / ("ds" + path.name[3:]))
+    (staging / STAGED).touch()
+    copy_dataset(old, tmp_path / "ds")
+    shutil.copy(new.with_suffix(".bin"), tmp_path / "ds.bin")  # killed after its first move
+    (tmp_path / "ds.meta.json").unlink()
+    with output_lock(tmp_path / "ds"):
+        pass
+    for suffix in (".bin", ".idx", ".docids.jsonl", ".meta.json"):
+        assert Path(f"{tmp_path / 'ds'}{suffix}").read_bytes() == Path(f"{new}{suffix}").read_bytes(), suffix
+    assert leftovers(tmp_path / "ds") == []
+
+
+def test_tokenize_overwrite_replaces_the_dataset_as_a_unit(work, tmp_path):
+    """`dsel tokenize overwrite=true` over a dataset of another corpus: the new dataset's files replace the
+    old ones together (byte-identical to a fresh tokenize), old sidecars it lacks removed, no temp files."""
+    half = tmp_path / "half.jsonl"
+    half.write_text("".join((work / "corpus.jsonl").read_text().splitlines(keepends=True)[:100]))
+
+    def tokenize(source, out, *extra):
+        main(["tokenize", f"input={source}", f"output={out}", f"tokenizer={work / 'base.model'}", "workers=1", *extra])
+    tokenize(work / "corpus.jsonl", tmp_path / "ds", "id_field=id", "domain_field=id")
+    tokenize(half, tmp_path / "ref")
+    tokenize(half, tmp_path / "ds", "overwrite=true")
+    for suffix in (".bin", ".idx", ".docids.jsonl"):
+        assert Path(f"{tmp_path / 'ds'}{suffix}").read_bytes() == Path(f"{tmp_path / 'ref'}{suffix}").read_bytes()
+    assert not Path(f"{tmp_path / 'ds'}.domains.jsonl").exists() and leftovers(tmp_path / "ds") == []
+
+
+@pytest.mark.parametrize("command", ["tokenize", "select"])
+def test_bad_input_creates_no_output_folder(work, tmp_path, capsys, command):
+    """A bad input (a broken tokenizer, a missing score table) into a new nested out: one line, exit 2, and
+    no folder of the output created (inputs are refused before anything is written)."""
+    out = tmp_path / "new" / "deeper" / "out"
+    (tmp_path / "broken.model").write_bytes(b"not a sentencepiece model")
+    args = {"tokenize": ["tokenize", f"input={work / 'corpus.jsonl'}", f"output={out}",
+                         f"tokenizer={tmp_path / 'broken.model'}"],
+            "select": ["select", f"scores={tmp_path / 'missing'}", f"out={out}", "column=color"]}[command]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("name, content", [(".sel.lock", ""), (".sel.lock", "999999999\n"),
+                                           (".sel.rank1.lock", "999999999\n")])
+def test_stale_lock_files_are_taken_over_and_cleaned(work, tmp_path, name, content):
+    """A lock file a killed writer left (no pid written yet, a dead pid, another rank's tag): the next writer
+    runs and no lock file remains."""
+    (tmp_path / name).write_text(content)
+    main(["select", f"scores={work / 'scores'}", f"out={tmp_path / 'sel'}", "fraction=0.3", "column=color"])
+    assert (tmp_path / "sel" / "selection.json").is_file() and leftovers(tmp_path / "sel") == []
+
+
+BRACED_GPT = json.dumps(GPT).replace("{", "{{").replace("}", "}}")
+FULL_DISK_COMMANDS = {
+    "tokenize": ["tokenize", "input={corpus}", "output={out}/ds", "tokenizer={base}.model", "workers=1"],
+    "train": ["train", "data=[{base}]", "out={out}", "steps=5", "preset=tiny", "model=" + BRACED_GPT],
+    "select": ["select", "scores={scores}", "out={out}", "column=color"],
+    "score": ["score", "corpus={base}", "window=17", "scorer=color", "settings={{prior: {prior}, cond: {cond}}}",
+              "out={out}", "device=cpu"],
+    "color score": ["color", "score", "corpus={base}", "prior={prior}", "cond={cond}", "out={out}", "device=cpu"],
+    "color finetune": ["color", "finetune", "prior={prior}", "target={corpus}", "tokenizer={base}.model",
+                       "out={out}", "device=cpu"],
+    "color train-prior": ["color", "train-prior", "corpus={base}", "out={out}",
+                          "train={{steps: 2, preset: tiny, model: " + BRACED_GPT + "}}"],
+    "pds solve": ["pds", "solve", "model={prior}", "proxy={base}", "target={base}", "out={out}", "num_proxy=24",
+                  "solver.steps=3", "device=cpu"],
+    "pds fit-scorer": ["pds", "fit-scorer", "gamma={solve}", "out={out}", "device=cpu"],
+    "pds score": ["pds", "score", "corpus={base}", "model={scorer}", "out={out}", "device=cpu"],
+    "eval loss": ["eval", "loss", "checkpoint={prior}", "data={{a: {base}}}", "out={out}/loss.json", "device=cpu"],
+}
+
+
+@pytest.fixture(scope="module")
+def solved(work):
+    """A finished `dsel pds solve` of the prior and a PDS scorer checkpoint (window 17) made from it."""
+    from dsel.models.checkpoint import load_model, save_model
+    from dsel.models.scorer import Scorer
+    from dsel.pds.commands import SolveConfig, run_solve
+
+    run_solve(from_dict(SolveConfig, solve_settings(work, work / "solve")))
+    save_model(work / "scorer", Scorer.from_gpt(load_model(work / "prior")[0]), {"window": 17})
+    return work
+
+
+@pytest.mark.parametrize("command", list(FULL_DISK_COMMANDS))
+def test_full_disk_is_refused_before_any_work(solved, tmp_path, capsys, monkeypatch, command):
+    """Too little free disk for the output (an estimate, e.g. a checkpoint ~ params x 4 bytes x 2, scores ~
+    windows x 4 bytes per column): one line naming the output and the space needed, exit 2, nothing written
+    (every writing command)."""
+    import dsel.io
+
+    work = solved
+    paths = {"corpus": work / "corpus.jsonl", "base": work / "base", "scores": work / "scores",
+             "prior": work / "prior", "cond": work / "cond", "solve": work / "solve", "scorer": work / "scorer"}
+    out = tmp_path / "out"
+    args = [a.format(out=out, **paths) for a in FULL_DISK_COMMANDS[command]]
+    real = shutil.disk_usage
+    monkeypatch.setattr(dsel.io.shutil, "disk_usage", lambda p: real(p)._replace(free=0))
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "MiB but its filesystem has 0.0 MiB free" in err and str(out) in err, err
+    assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))

@@ -20,7 +20,7 @@ from dsel.color.config import ColorScorerConfig, Precision
 from dsel.train.schedule import Schedule
 from dsel.config import option, to_dict
 from dsel.errors import DselError
-from dsel.io import check_writable, writes_output
+from dsel.io import check_free_space, check_writable, writes_output
 
 log = logging.getLogger(__name__)
 
@@ -237,11 +237,12 @@ def run_finetune(cfg: ColorFinetuneConfig):
     from dsel.color.scorer import ScoredModel
     from dsel.color.target import epoch_batches
     from dsel.device import resolve_device
-    from dsel.models.checkpoint import load_model, save_model
+    from dsel.models.checkpoint import checkpoint_bytes, load_model, save_model
 
     device = resolve_device(cfg.device)
     model, meta = load_model(cfg.prior, device)
     pieces = target_pieces(cfg, ScoredModel("prior", model, cfg.prior, meta), model.config.seq_len + 1)
+    check_free_space(cfg.out, checkpoint_bytes(model.config), "the conditional model")
     drop_last = cfg.target_format != "pieces"  # the official loader drops the last partial batch
     batches = [b for epoch in range(cfg.epochs)
                for b in epoch_batches(pieces, cfg.batch_size, 0, cfg.seed + epoch, drop_last)]

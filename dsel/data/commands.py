@@ -13,10 +13,7 @@ from dsel.io import check_free_space, output_lock, rank_tag
 def run_tokenize(cfg: TokenizeConfig) -> None:
     """Tokenize under the output's lock, refusing to replace a dataset made from other inputs."""
     from dsel.data.tokenize import tokenize_corpus
-    from dsel.data.tokenizer import load_tokenizer
 
-    if cfg.tokenizer:
-        load_tokenizer(cfg.tokenizer)  # a broken tokenizer is refused before the output folder is made
     prefix = output_prefix(cfg)
     with output_lock(prefix, rank_tag()):
         check_overwrite_dataset(cfg, prefix)

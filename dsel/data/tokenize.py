@@ -25,7 +25,7 @@ from dsel.config import option
 from dsel.data.readers import input_files, read_documents
 from dsel.data.tokenizer import Tokenizer, file_sha256, load_tokenizer, train_tokenizer
 from dsel.errors import DselError
-from dsel.io import read_json, write_json
+from dsel.io import publish_prefix, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +65,9 @@ def train_corpus_tokenizer(files: list, cfg: TokenizeConfig, model_path: str | o
 
 def tokenize_corpus(cfg: TokenizeConfig) -> dict:
     """Run the whole command (this rank's shards; rank 0 merges); returns the metadata of `<out>.meta.json`."""
-    from dsel.data.indexed import IndexedDataset, best_dtype
-    from dsel.data.meta import write_meta
+    from dsel.data.indexed import best_dtype
     from dsel.data.readers import settings_of
-    from dsel.data.shards import merge_shards, plan_shards, shards_dir
+    from dsel.data.shards import plan_shards, shards_dir
 
     check_settings(cfg)
     files = input_files(cfg.input)
@@ -86,21 +85,8 @@ def tokenize_corpus(cfg: TokenizeConfig) -> dict:
         _barrier(world)
         if rank != 0:
             return {}
-        counts = merge_shards(directory, shards, cfg.out, settings)
-        dataset = IndexedDataset(cfg.out, vocab_size=tokenizer.vocab_size)  # re-read, check every token id
-        meta = {
-            **tokenizer.identity(),
-            "dtype": dtype.name,
-            "num_documents": counts["num_documents"],
-            "num_tokens": dataset.num_tokens,
-            "inputs": [f.url for f in files],
-            "text_field": cfg.text_field,
-            "id_field": cfg.id_field,
-            "domain_field": cfg.domain_field,
-            "keep_fields": list(cfg.keep_fields),
-            "shards": len(shards),
-        }
-        write_meta(cfg.out, meta)
+        with publish_prefix(cfg.out) as staged:  # the old dataset stays whole until the new one is complete
+            meta = _merge(directory, shards, str(staged), settings, tokenizer, dtype, files, cfg)
         if not cfg.keep_shards:
             shutil.rmtree(directory, ignore_errors=True)
         log.info("wrote %s: %d documents, %d tokens", cfg.out, meta["num_documents"], meta["num_tokens"])
@@ -110,6 +96,30 @@ def tokenize_corpus(cfg: TokenizeConfig) -> dict:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _merge(directory: Path, shards, prefix: str, settings, tokenizer, dtype, files, cfg: TokenizeConfig) -> dict:
+    """Merge the shards into dataset `prefix` with its sidecars and `<prefix>.meta.json`; returns the meta."""
+    from dsel.data.indexed import IndexedDataset
+    from dsel.data.meta import write_meta
+    from dsel.data.shards import merge_shards
+
+    counts = merge_shards(directory, shards, prefix, settings)
+    dataset = IndexedDataset(prefix, vocab_size=tokenizer.vocab_size)  # re-read, check every token id
+    meta = {
+        **tokenizer.identity(),
+        "dtype": dtype.name,
+        "num_documents": counts["num_documents"],
+        "num_tokens": dataset.num_tokens,
+        "inputs": [f.url for f in files],
+        "text_field": cfg.text_field,
+        "id_field": cfg.id_field,
+        "domain_field": cfg.domain_field,
+        "keep_fields": list(cfg.keep_fields),
+        "shards": len(shards),
+    }
+    write_meta(prefix, meta)
+    return meta
 
 
 def check_settings(cfg: TokenizeConfig) -> None:

@@ -15,9 +15,10 @@ from typing import Optional
 from dsel.cli import Command
 from dsel.config import option
 from dsel.errors import DselError
-from dsel.io import check_writable, write_json
+from dsel.io import check_free_space, check_writable, write_json
 
 log = logging.getLogger(__name__)
+RESULTS_BYTES = 1 << 20  # a results JSON: well under a MiB
 
 
 @dataclass
@@ -54,6 +55,7 @@ def run_loss(cfg: EvalLossConfig) -> dict:
 
     out = cfg.out or str(Path(cfg.model) / "heldout_loss.json")
     check_writable(out)
+    check_free_space(out, RESULTS_BYTES, "the results")
     device = resolve_device(cfg.device)
     model, meta = load_model(cfg.model, device)
     if not hasattr(model, "sequence_losses"):
@@ -77,6 +79,7 @@ def run_lm_eval(cfg: LmEvalConfig) -> dict:
 
     out = cfg.out or Path(cfg.model) / "lm_eval.json"
     check_writable(out)
+    check_free_space(out, RESULTS_BYTES, "the results")
     model = DselLM(cfg.model, tokenizer=cfg.tokenizer or None, device=resolve_device(cfg.device),
                    batch_size=cfg.batch_size)
     paths = [str(TASKS_DIR)] + ([cfg.include_path] if cfg.include_path else [])

@@ -69,6 +69,12 @@ def save_model(path: str | os.PathLike, model: nn.Module, meta: dict | None = No
     return path
 
 
+def checkpoint_bytes(config: GPTConfig, copies: int = 2) -> int:
+    """About the disk a checkpoint of `config` takes while it is written: fp32 weights, `copies` times (the
+    new one is written beside the old one, then renamed over it)."""
+    return config.num_params() * 4 * copies
+
+
 WEIGHT_SUFFIXES = (".pt", ".safetensors", ".bin")  # dsel's, older dsel's, a transformers folder's
 DIGEST = "digest.json"  # sha256 of the weights, written at save time: what later stages key their reuse on
 

@@ -16,7 +16,6 @@ saves its state after every outer epoch under `state/` and resumes from there wi
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from dsel.config import option, to_dict
 from dsel.data.meta import check_same_tokenizer
 from dsel.data.windows import corpus_prefix
 from dsel.errors import DselError, file_error
-from dsel.io import atomic_path, check_writable, read_json, write_json, writes_output
+from dsel.io import atomic_path, check_free_space, check_writable, read_json, write_json, writes_output
 from dsel.pds.fit import FitConfig
 from dsel.pds.solver import SolverConfig
 from dsel.score.commands import open_windows
@@ -142,8 +141,10 @@ def run_solve(cfg: SolveConfig) -> Path:
         proxy = load_tokens(cfg.proxy, window, cfg.num_proxy, cfg.memmap_dtype, lm)
         target = load_target_examples(cfg, window, lm)
         out = Path(cfg.out)
-        fingerprint = _fingerprint(cfg, len(proxy), len(target), window)
-        gamma, rows, objectives, start_epoch = _resume_state(out, fingerprint, len(proxy), cfg.solver.outer_epochs) if cfg.resume \
+        # float32 G rows of every outer epoch, in state/ and the output, plus gamma, target and their copies
+        check_free_space(out, len(proxy) * 4 * (2 * cfg.solver.outer_epochs + 6), "the solve's outputs")
+        key = _solve_key(cfg, proxy, target, window)
+        gamma, rows, objectives, start_epoch = _resume_state(out, key, len(proxy), cfg.solver.outer_epochs) if cfg.resume \
             else (None, [], [], 0)
         solver = PMPSolver(model, proxy, target, cfg.solver, device=device)
 
@@ -154,7 +155,7 @@ def run_solve(cfg: SolveConfig) -> Path:
                 _write_npy(out / "state" / "gamma.npy", result.gamma)
                 _write_npy(out / "state" / "G.npy", np.stack(rows))
                 write_json(out / "state" / "state.json",
-                           {"fingerprint": fingerprint, "finished_epochs": epoch + 1, "objectives": objectives})
+                           {"key": key, "finished_epochs": epoch + 1, "objectives": objectives})
 
         results = solver.solve(gamma, start_epoch, on_epoch=save_state)
         gamma = results[-1].gamma if results else gamma
@@ -251,14 +252,17 @@ def check_vocab(tokens: np.ndarray, vocab_size: int, data_path: str, model_path:
                                     f"{model_path}; the data and the model use different tokenizers")
 
 
-def _resume_state(out: Path, fingerprint: str, num_windows: int, outer_epochs: int):
+def _resume_state(out: Path, key: dict, num_windows: int, outer_epochs: int):
     """(gamma, G rows, objectives, first epoch to run) from out/state, or a fresh start."""
+    from dsel.io import describe_differences
+
     state_file = out / "state" / "state.json"
     if not state_file.is_file():
         return None, [], [], 0
     state = read_json(state_file)
-    if state.get("fingerprint") != fingerprint:
-        raise file_error(state_file, "was written by a solve with other settings or data; use another out "
+    if state.get("key") != key:
+        raise file_error(state_file, f"was written by a solve of other settings or data "
+                                     f"({describe_differences(state.get('key'), key)}); use another out "
                                      "directory or resume=false")
     if state["finished_epochs"] > outer_epochs:
         raise file_error(state_file, f"holds {state['finished_epochs']} finished outer epochs, more than "
@@ -269,15 +273,30 @@ def _resume_state(out: Path, fingerprint: str, num_windows: int, outer_epochs: i
     return gamma, rows, list(state["objectives"]), int(state["finished_epochs"])
 
 
-def _fingerprint(cfg: SolveConfig, num_proxy: int, num_target: int, window: int) -> str:
-    """What must not change across a resume: the data, the model and every solver setting but the epochs."""
+def _solve_key(cfg: SolveConfig, proxy: np.ndarray, target: list[np.ndarray], window: int) -> dict:
+    """What must not change across a resume: every solver setting but the epochs and the post-processing
+    ones, and the content read (the model's weights digest, the proxy and target tokens), not their paths."""
+    from dsel.models.checkpoint import checkpoint_digest
+
     settings = to_dict(cfg)
-    for key in ("outer_epochs", "target_kind", "clip", "micro_batch"):
+    for key in ("outer_epochs", "target_kind", "clip", "micro_batch"):  # micro_batch: test_faults proves it
         settings["solver"].pop(key)
-    for key in ("out", "resume", "device"):
+    for key in ("out", "resume", "device", "model", "proxy", "target", "tokenizer", "text_field", "num_proxy",
+                "num_target", "window", "memmap_dtype"):  # what they select is in the token digests
         settings.pop(key)
-    settings.update(num_proxy_windows=num_proxy, num_target_examples=num_target, window_tokens=window)
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    inputs = {"model": checkpoint_digest(cfg.model), "proxy_tokens": tokens_digest([proxy]),
+              "target_tokens": tokens_digest(target)}
+    return {**settings, "num_proxy_windows": len(proxy), "num_target_examples": len(target), "window_tokens": window,
+            "inputs": inputs}
+
+
+def tokens_digest(arrays) -> str:
+    """sha256 of a sequence of token arrays (their shapes and ids, whatever their dtype)."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(f"{array.shape}\0".encode())
+        digest.update(memoryview(np.ascontiguousarray(array, dtype=np.int64).reshape(-1)))
+    return digest.hexdigest()[:32]
 
 
 # ----- fit-scorer ----------------------------------------------------------------------------------
@@ -285,7 +304,7 @@ def _fingerprint(cfg: SolveConfig, num_proxy: int, num_target: int, window: int)
 def run_fit_scorer(cfg: FitScorerConfig) -> dict:
     """Fit the scorer on the solve's target.npy; keep the best-validation-Spearman model with its metrics."""
     from dsel.device import resolve_device
-    from dsel.models.checkpoint import load_model, save_model
+    from dsel.models.checkpoint import checkpoint_bytes, load_model, save_model
     from dsel.models.scorer import Scorer
     from dsel.pds.fit import fit_scorer
 
@@ -308,6 +327,7 @@ def run_fit_scorer(cfg: FitScorerConfig) -> dict:
     check_same_tokenizer(init, meta, corpus_prefix(windows.source))
     tokens = windows.batch(np.arange(len(target)))
     check_vocab(tokens, gpt.config.vocab_size, proxy, init)
+    check_free_space(cfg.out, checkpoint_bytes(gpt.config), "the scorer checkpoint")
     scorer = Scorer.from_gpt(gpt).float()
     metrics = fit_scorer(scorer, tokens, target, cfg.fit, device)
     metrics["target_kind"] = info.get("target_kind", "gamma")

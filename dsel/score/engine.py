@@ -33,7 +33,8 @@ import numpy as np
 from dsel.data.docids import domains_path, read_document_strings
 from dsel.data.windows import Windows, corpus_digest, corpus_prefix, document_ids, source_name
 from dsel.errors import DselError, file_error
-from dsel.io import atomic_path, output_lock, progress, read_json, require_file, write_json
+from dsel.io import (atomic_path, check_free_space, describe_differences, output_lock, progress, read_json,
+                     require_file, write_json)
 from dsel.score.stats import column_stats, score_histogram, table_stats
 
 log = logging.getLogger(__name__)
@@ -109,16 +110,7 @@ def count_windows(job: dict, shards: list[int]) -> int:
 def mismatch(old: dict, new: dict) -> str:
     """The settings in which two job specs differ (dotted keys, e.g. meta.digests.prior), for an error message."""
     keys = ("columns", "window", "num_windows", "corpus", "shard_size", "meta")
-    return ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in differences({k: old.get(k) for k in keys},
-                                                                         {k: new.get(k) for k in keys}))
-
-
-def differences(old, new, prefix: str = "") -> list[tuple[str, object, object]]:
-    """(dotted key, old value, new value) of every leaf in which two nested dicts differ."""
-    if not isinstance(old, dict) or not isinstance(new, dict):
-        return [] if old == new else [(prefix, old, new)]
-    return [d for k in sorted(set(old) | set(new), key=str)
-            for d in differences(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))]
+    return describe_differences({k: old.get(k) for k in keys}, {k: new.get(k) for k in keys})
 
 
 def open_job(out: Path, windows: Windows, columns: list[str], shard_size: int | None, batch_size: int,
@@ -266,6 +258,7 @@ def score_windows(windows: Windows, scorer, out_dir, batch_size: int, shard_size
 def _score_rank(windows: Windows, scorer, out: Path, batch_size: int, shard_size: int | None, device, meta,
                 rank: int, world_size: int) -> Path:
     """This rank's unfinished shards, then the merge (see score_windows)."""
+    check_free_space(out, score_bytes(len(windows), len(scorer.columns)), "the scores")
     job = open_job(out, windows, list(scorer.columns), shard_size, batch_size, meta or {})
     owned = list(range(rank, num_shards(job), world_size))
     todo = [k for k in owned if not shard_done(out, k, job["fingerprint"])]
@@ -279,6 +272,11 @@ def _score_rank(windows: Windows, scorer, out: Path, batch_size: int, shard_size
         for k in todo:
             score_shard(windows, scorer, out, job, k, batch_size, worker, bar)
     return finish(out, windows, rank)
+
+
+def score_bytes(num_windows: int, num_columns: int) -> int:
+    """About the disk scores take: float32 columns plus window, doc and token columns, in shards and the table."""
+    return 2 * num_windows * (num_columns + 3) * 4
 
 
 def finish(out: Path, windows: Windows, rank: int) -> Path:

@@ -184,8 +184,7 @@ def selection_key(cfg: SelectConfig, meta: dict, windows) -> dict:
 
 def check_overwrite(manifest: Path, key: dict, overwrite: bool) -> None:
     """Refuse to replace a finished output made from other inputs or settings, unless overwrite=true."""
-    from dsel.io import read_json
-    from dsel.score.engine import differences
+    from dsel.io import differences, read_json
 
     if overwrite or not manifest.is_file():
         return

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from dsel.cli import Command
 from dsel.config import option
-from dsel.io import writes_output
+from dsel.io import check_free_space, writes_output
 from dsel.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -23,6 +23,11 @@ log = logging.getLogger(__name__)
 @writes_output()
 def run_train(cfg: TrainConfig):
     """Train with the configured backend; returns the checkpoint directory out/model."""
+    from dsel.models.checkpoint import checkpoint_bytes
+    from dsel.train.torch_backend import model_config
+
+    # the model and the resume state (weights and two Adam moments), each written beside the previous one
+    check_free_space(cfg.out, 4 * checkpoint_bytes(model_config(cfg)), "the checkpoint and training state")
     if cfg.backend == "megatron":
         from dsel.train.megatron.backend import train
     else:
@@ -40,6 +45,7 @@ class ExportDselConfig:
     out: str = option(help="the dsel checkpoint folder to write (model.pt, config.json, meta.json)")
 
 
+@writes_output()
 def run_export_dsel(cfg: ExportDselConfig):
     """Read the checkpoint's weights in this one process and write them as a dsel checkpoint."""
     from dsel.train.megatron.checkpoint import export

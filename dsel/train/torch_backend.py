@@ -36,7 +36,7 @@ from dsel.data.loader import GPTSampleLoader, WindowSampleLoader, WindowStream, 
 from dsel.data.meta import check_same_tokenizer, meta_path, read_meta, tokenizer_identity
 from dsel.data.windows import Windows, source_name
 from dsel.errors import file_error
-from dsel.io import atomic_path, progress, read_json
+from dsel.io import atomic_path, differences, progress, read_json
 from dsel.models.config import GPTConfig
 from dsel.train.config import TrainConfig
 
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 # Settings a resumed run may change; any other difference means the checkpoint belongs to another run.
 RESUMABLE_CHANGES = ("device", "precision", "eval_every", "eval_batches", "save_every", "valid", "log")
+INPUT_PATHS = ("data", "init", "weights")  # keyed by their content digests instead (run_key)
 
 SampleWeights = Callable[[np.ndarray], np.ndarray]
 
@@ -320,13 +321,13 @@ def state_path(cfg: TrainConfig) -> Path:
     return Path(cfg.out) / "state" / "state.pt"
 
 
-def save_checkpoint(cfg: TrainConfig, model, optimizer, step: int, meta: dict) -> None:
+def save_checkpoint(cfg: TrainConfig, model, optimizer, step: int, meta: dict, key: dict) -> None:
     """Write out/model (a dsel checkpoint) and then out/state/state.pt (for resuming), each atomically."""
     from dsel.models.checkpoint import save_model
 
     save_model(Path(cfg.out) / "model", model, {**meta, "step": step, "tokens": step * tokens_per_step(cfg, model)})
     state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "rng": rng_state(), "config": to_dict(cfg)}
+             "rng": rng_state(), "config": to_dict(cfg), "key": key}
     with atomic_path(state_path(cfg)) as tmp:
         torch.save(state, tmp)
 
@@ -345,33 +346,53 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_state(cfg: TrainConfig) -> dict | None:
-    """The resume state of `cfg.out`, checked to come from the same run settings; None if there is none."""
+def load_state(cfg: TrainConfig, key: dict) -> dict | None:
+    """The resume state of `cfg.out`, checked to come from the same run (`run_key`); None if there is none."""
     path = state_path(cfg)
-    return read_state_file(path, cfg, path.parent) if path.is_file() else None
+    return read_state_file(path, key, path.parent) if path.is_file() else None
 
 
-def read_state_file(path: Path, cfg: TrainConfig, state_folder: Path) -> dict:
-    """A saved training state, refused when it is unreadable or was saved by a run with other settings."""
+def read_state_file(path: Path, key: dict, state_folder: Path) -> dict:
+    """A saved training state, refused when it is unreadable or was saved by a run of another key."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a missing or corrupt file
         raise file_error(path, f"cannot be read as a training state ({type(e).__name__})") from None
-    check_same_run(state["config"], cfg, path, state_folder)
+    # a state saved before content keys records its settings only: its inputs are taken as unchanged
+    old = state.get("key") or {**run_settings(state["config"], RESUMABLE_CHANGES), "inputs": key["inputs"]}
+    check_same_run(old, key, path, state_folder)
     return state
 
 
-def check_same_run(old: dict, cfg: TrainConfig, path: Path, state_folder: Path,
-                   resumable: Sequence[str] = RESUMABLE_CHANGES) -> None:
-    """Refuse a saved state whose run settings `old` differ from cfg's in anything but `resumable` (a state
+def run_key(cfg: TrainConfig, resumable: Sequence[str] = RESUMABLE_CHANGES) -> dict:
+    """What a resumed run must share with the saved one: every setting but the `resumable` ones and the input
+    paths, and the content of each input (`inputs`: dataset digests, init's weights digest, the weights file's)."""
+    from dsel.data.windows import corpus_digest
+    from dsel.io import file_digest
+    from dsel.models.checkpoint import checkpoint_digest
+
+    inputs = {"data": [corpus_digest(open_corpus(prefix)) for prefix in cfg.data],
+              "init": checkpoint_digest(cfg.init) if cfg.init is not None else None,
+              "weights": file_digest(cfg.weights) if cfg.weights is not None else None}
+    return {**run_settings(to_dict(cfg), resumable), "inputs": inputs}
+
+
+def run_settings(config: dict, resumable: Sequence[str]) -> dict:
+    """The settings of a run (`to_dict` form) that its results depend on: not the resumable ones, nor the
+    input paths (their content is in the key instead: a moved dataset still resumes)."""
+    return {k: v for k, v in config.items() if k not in (*resumable, *INPUT_PATHS)}
+
+
+def check_same_run(old: dict, new: dict, path: Path, state_folder: Path) -> None:
+    """Refuse a saved state whose run key `old` differs from this run's, naming the first differing key (a state
     saved before `model` was renamed `arch` compares under the new name)."""
-    new = to_dict(cfg)
     if "model" in old and "arch" not in old:
         old = {("arch" if key == "model" else key): value for key, value in old.items()}
-    for key in sorted(set(old) | set(new)):
-        if key not in resumable and old.get(key) != new.get(key):
-            raise file_error(path, f"belongs to a run with {key}={old.get(key)!r}, not {new.get(key)!r}; "
-                                   f"use another out directory or delete {state_folder}")
+    changed = differences(old, new)
+    if changed:
+        key, before, after = changed[0]
+        raise file_error(path, f"belongs to a run with {key}={before!r}, not {after!r}; "
+                               f"use another out directory or delete {state_folder}")
 
 
 def tokens_per_step(cfg: TrainConfig, model) -> int:
@@ -430,9 +451,10 @@ def train(cfg: TrainConfig, sample_weights: SampleWeights | None = None,
     """
     out = Path(cfg.out)
     device = resolve_device(cfg.device)
-    state = load_state(cfg)
+    run = run_inputs(cfg, model_config(cfg), sample_weights)  # the inputs checked before the state is read
+    key = run_key(cfg)
+    state = load_state(cfg, key)
     model = build_model(cfg) if state is None else resume_model(cfg, state)
-    run = run_inputs(cfg, model.config, sample_weights)
     steps = run.steps
 
     model.to(device).train()
@@ -471,7 +493,7 @@ def train(cfg: TrainConfig, sample_weights: SampleWeights | None = None,
                 write_row(log_file, {"step": done, "valid_loss": valid_loss})
                 bar.set_postfix(loss=f"{loss:.4f}", valid=f"{valid_loss:.4f}")
             if cfg.saves_after(done, steps):
-                save_checkpoint(cfg, model, optimizer, done, run.meta)
+                save_checkpoint(cfg, model, optimizer, done, run.meta, key)
             if on_step is not None:
                 on_step(done, row)
     log.info("trained %d steps; final loss %.4f; checkpoint %s", steps, loss, out / "model")

@@ -38,8 +38,10 @@ from dsel.errors import DselError, file_error
 from dsel.io import progress, read_json
 from dsel.train.config import TrainConfig
 from dsel.train.megatron import checkpoint, model as megatron_model, shards
+from dsel.train.torch_backend import RESUMABLE_CHANGES
 
 log = logging.getLogger(__name__)
+RESUMABLE = RESUMABLE_CHANGES + ("parallel", "out")  # a resumed megatron run may also change its layout
 
 
 def world_size() -> int:
@@ -253,10 +255,11 @@ def layout(cfg: TrainConfig) -> dict:
 
 def save_state(cfg: TrainConfig, ddp, optimizer, config, meta: dict, step: int) -> Path:
     """Collective: the sharded checkpoint of `step`, with what resuming and export check."""
-    from dsel.train.torch_backend import tokens_per_step
+    from dsel.train.torch_backend import run_key, tokens_per_step
 
     model = unwrap(ddp)
     common = {"step": step, "tokens": step * tokens_per_step(cfg, model_of(config)), "config": to_dict(cfg),
+              "key": run_key(cfg, RESUMABLE),
               "model": dataclasses.asdict(config), "layout": {**layout(cfg), "dp_replica_spread": replica_spread(model)},
               "meta": meta}
     return checkpoint.save_step(state_dir(cfg), step, model, optimizer, common)
@@ -265,14 +268,17 @@ def save_state(cfg: TrainConfig, ddp, optimizer, config, meta: dict, step: int) 
 def load_state(cfg: TrainConfig, config, ddp, optimizer) -> int:
     """Resume from the latest sharded checkpoint of cfg.out (any layout; same run and architecture): its step,
     or 0 when there is none."""
-    from dsel.train.torch_backend import RESUMABLE_CHANGES, check_same_run
+    from dsel.train.torch_backend import check_same_run, run_key, run_settings
 
     folder = checkpoint.latest(state_dir(cfg))
     if folder is None:
         return 0
     saved = checkpoint.read_common(folder)
     checkpoint.check_architecture(folder, saved["model"], config)
-    check_same_run(saved["config"], cfg, folder, state_dir(cfg), RESUMABLE_CHANGES + ("parallel", "out"))
+    key = run_key(cfg, RESUMABLE)
+    # a checkpoint saved before content keys records its settings only: its inputs are taken as unchanged
+    old = saved.get("key") or {**run_settings(saved["config"], RESUMABLE), "inputs": key["inputs"]}
+    check_same_run(old, key, folder, state_dir(cfg))
     if saved["layout"]["distributed_optimizer"] != cfg.parallel.distributed_optimizer:
         raise file_error(folder, f"was saved with parallel.distributed_optimizer="
                                  f"{saved['layout']['distributed_optimizer']}; resume with the same setting")

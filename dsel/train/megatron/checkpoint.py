@@ -238,7 +238,8 @@ def full_weights(folder: Path, config: GPTConfig) -> dict[str, torch.Tensor]:
 
 def export(path: str | Path, out: str | Path) -> Path:
     """Write the weights of the megatron checkpoint at `path` as a dsel checkpoint folder `out`."""
-    from dsel.models.checkpoint import check_state_dict, save_model
+    from dsel.io import check_free_space
+    from dsel.models.checkpoint import check_state_dict, checkpoint_bytes, save_model
     from dsel.models.gpt import GPT
 
     from dsel.train.megatron.model import quiet_megatron_warnings
@@ -248,6 +249,7 @@ def export(path: str | Path, out: str | Path) -> Path:
     folder = resolve(path)
     common = read_common(folder)
     config = GPTConfig(**common["model"])
+    check_free_space(out, checkpoint_bytes(config), "the exported checkpoint")
     weights = full_weights(folder, config)
     with torch.device("meta"):
         gpt = GPT(config)
