@@ -147,12 +147,12 @@ def megatron_rank(job: dict) -> dict:
         seconds = timed(build, device, job["repeats"], True)
     else:
         build()
-        ddp = backend.wrap_ddp(holder["model"], cfg)
-        optimizer = backend.make_optimizer(ddp, cfg, bf16)
+        ddps = backend.wrap_ddp(holder["model"], cfg)
+        optimizer = backend.make_optimizer(ddps, cfg, bf16)
         tokens = torch.randint(0, config.vocab_size, (cfg.batch_size, config.seq_len + 1),
                                generator=torch.Generator().manual_seed(0))
         micro = [backend.rank_rows(tokens, None, 1, device)]
-        seconds = timed(lambda: backend.train_step(ddp, optimizer, micro, cfg.lr, cfg, config.seq_len), device,
+        seconds = timed(lambda: backend.train_step(ddps, optimizer, micro, cfg.lr, cfg, config.seq_len), device,
                         job["repeats"], False)
     row = {"rank": torch.distributed.get_rank(), "seconds": seconds,
            "params": shards.parameter_count(holder["model"]), "peak_memory_bytes": peak_bytes_since(baseline, device)}

@@ -45,7 +45,7 @@ def megatron_lm_train_samples(args: SimpleNamespace, num_samples: int, cache) ->
                               blend=get_blend_from_list(args.data_path), split=args.split, path_to_cache=str(cache),
                               tokenizer=tokenizer, reset_position_ids=False, reset_attention_mask=False,
                               eod_mask_loss=False)
-    train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, None, None], lambda: True, config).build()
+    train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, 0, 0], lambda: True, config).build()
     rows = []
     for i in range(num_samples):
         sample = train[i]
