@@ -31,17 +31,20 @@ def parse(args: list[str]) -> SimpleNamespace:
         else:
             values[key].append(arg)
     return SimpleNamespace(data_path=values["data_path"], split=values["split"][0],
-                           seq_length=int(values["seq_length"][0]), seed=int(values["seed"][0]))
+                           seq_length=int(values["seq_length"][0]), seed=int(values["seed"][0]),
+                           mid_level_dataset_surplus=float(values.get("mid_level_dataset_surplus", ["0.005"])[0]))
 
 
 def megatron_lm_train_samples(args: SimpleNamespace, num_samples: int, cache) -> np.ndarray:
-    """Samples [num_samples, seq_length + 1] of the train dataset pretrain_gpt.py builds from `args`."""
+    """Samples [num_samples, seq_length + 1] of the train dataset pretrain_gpt.py builds from `args` (its sizes:
+    train_iters * global_batch_size samples, and none for the empty valid/test splits of --split 100,0,0)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
     from megatron.core.datasets.utils import get_blend_from_list
 
     tokenizer = SimpleNamespace(vocab_size=VOCAB, eod=0, pad=VOCAB + 1, eos=0, unique_identifiers={"name": "t"})
     config = GPTDatasetConfig(random_seed=args.seed, sequence_length=args.seq_length,
+                              mid_level_dataset_surplus=args.mid_level_dataset_surplus,
                               blend=get_blend_from_list(args.data_path), split=args.split, path_to_cache=str(cache),
                               tokenizer=tokenizer, reset_position_ids=False, reset_attention_mask=False,
                               eod_mask_loss=False)
@@ -89,3 +92,28 @@ def test_blend_is_written_with_weights_and_tokenizer(tmp_path):
     assert args[:5] == ["--data-path", "0.25", a, "0.75", b]
     assert args[args.index("--tokenizer-model") + 1] == str(tmp_path / "tok")
     assert args[args.index("--tokenizer-type") + 1] == "HuggingFaceTokenizer"
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """megatron's blend builder asks torch.distributed for the rank: a one-process gloo group."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+# 305..308 samples at 0.25: dataset a (77 samples an epoch) is asked for 77 samples + megatron's 0.5% surplus =
+# 78, two epochs whose shuffle differs from one epoch's; at 24 and 160 samples the surplus changes nothing.
+@pytest.mark.parametrize("num_samples,weights", [(24, [0.25, 0.75]), (160, [1.0, 2.0]), (305, [0.25, 0.75]),
+                                                 (308, [0.25, 0.75]), (160, None)])
+def test_megatron_lm_draws_dsel_train_blend(tmp_path, one_process_group, num_samples, weights):
+    """A weighted blend (None: dsel train's default, by token count): the --data-path weights and
+    --mid-level-dataset-surplus written make megatron-core's BlendedMegatronDatasetBuilder draw dsel train's samples."""
+    a = write_counting_dataset(tmp_path / "a", vocab=VOCAB)
+    b = write_counting_dataset(tmp_path / "b", seed=1, num_docs=30, vocab=VOCAB)
+    args = parse(megatron_args.read(megatron_args.write(tmp_path, [a, b], SEQ_LEN, seed=SEED, weights=weights)))
+    assert args.data_path[1::2] == [a, b] and args.mid_level_dataset_surplus == 0.005
+    expected = dsel_train_samples([a, b], num_samples, weights)
+    np.testing.assert_array_equal(megatron_lm_train_samples(args, num_samples, tmp_path / "cache"), expected)

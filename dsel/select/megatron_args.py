@@ -13,10 +13,11 @@ total is Megatron-LM's `--train-iters * --global-batch-size` (or `--train-sample
 The tokenizer arguments point Megatron-LM at the tokenizer that made the tokens; they do not
 change which samples are drawn.
 
-One prefix trains on exactly that dataset. Several prefixes are a weighted blend; megatron-core's
-builder then asks each dataset for 0.5% more samples than its share (mid_level_dataset_surplus),
-which can change a blended dataset's shuffle: blends are written, but only one prefix is
-guaranteed to reproduce dsel's order (`dsel select` writes one).
+One prefix trains on exactly that dataset. Several prefixes are a blend, weighted as dsel train weights
+it (`data_weights`, or by token count when none are given; the weights are written out either way, since
+Megatron-LM weighs an unweighted list otherwise); megatron-core's builder then builds each dataset for
+ceil(ceil(N*w) * (1 + --mid-level-dataset-surplus)) samples, which dsel train's blend does too
+(torch_backend.blend_dataset_sizes), so the surplus is written with its value.
 """
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from dsel.data.indexed import IndexedDataset
 from dsel.data.meta import meta_path, read_meta
 from dsel.io import atomic_path
+from dsel.train.torch_backend import MID_LEVEL_DATASET_SURPLUS
 
 FILE_NAME = "megatron_args.txt"
 DEFAULT_SEED = 1234  # dsel train's default `seed`
@@ -45,12 +48,13 @@ def megatron_args(prefixes: Sequence[str], seq_len: int, seed: int = DEFAULT_SEE
                   weights: Sequence[float] | None = None, meta_from: str | None = None) -> list[str]:
     """The data arguments, one option (with its values) per item; the tokenizer is read from the meta of
     `meta_from` (default: the first prefix), for outputs still being built beside their final place."""
-    if weights is None:
-        data_path = [str(p) for p in prefixes]
+    if len(prefixes) == 1 and weights is None:
+        lines = [f"--data-path {prefixes[0]}"]
     else:
-        data_path = [str(x) for pair in zip(weights, prefixes) for x in pair]
-    lines = [" ".join(["--data-path", *data_path]), "--split 100,0,0", f"--seq-length {seq_len}",
-             f"--max-position-embeddings {seq_len}", f"--seed {seed}"]
+        weights = weights or [IndexedDataset(p).num_tokens for p in prefixes]  # dsel train's default blend
+        lines = [" ".join(["--data-path", *(str(x) for pair in zip(weights, prefixes) for x in pair)]),
+                 f"--mid-level-dataset-surplus {MID_LEVEL_DATASET_SURPLUS}"]
+    lines += ["--split 100,0,0", f"--seq-length {seq_len}", f"--max-position-embeddings {seq_len}", f"--seed {seed}"]
     tokenizer = tokenizer_args(str(meta_from or prefixes[0]))
     if tokenizer:
         lines += [" ".join(tokenizer[i : i + 2]) for i in range(0, len(tokenizer), 2)]
