@@ -117,3 +117,34 @@ def test_megatron_lm_draws_dsel_train_blend(tmp_path, one_process_group, num_sam
     assert args.data_path[1::2] == [a, b] and args.mid_level_dataset_surplus == 0.005
     expected = dsel_train_samples([a, b], num_samples, weights)
     np.testing.assert_array_equal(megatron_lm_train_samples(args, num_samples, tmp_path / "cache"), expected)
+
+
+def write_selection(prefix, num_windows: int = 30) -> str:
+    """A `dsel select`-like output: documents of exactly seq_len + 1 tokens, its meta recording the window."""
+    from dsel.data.indexed import IndexedDatasetWriter
+    from dsel.data.meta import meta_path
+
+    rng = np.random.default_rng(0)
+    with IndexedDatasetWriter(prefix, np.uint16) as writer:
+        for _ in range(num_windows):
+            writer.add_document(rng.integers(1, VOCAB, SEQ_LEN + 1).astype(np.uint16))
+    with open(meta_path(str(prefix)), "w") as f:
+        json.dump({"window": SEQ_LEN + 1, "vocab_size": VOCAB, "tokenizer": "tok", "tokenizer_sha256": "x",
+                   "dtype": "uint16", "eod_id": 0}, f)
+    return str(prefix)
+
+
+def test_selection_handoff_says_megatron_lm_does_not_draw_the_windows(tmp_path):
+    """dsel train trains a selection window by window; pretrain_gpt.py's GPTDataset cuts the stream every seq_len
+    tokens: the file says so, and it is so (megatron-core's samples are not whole windows, dsel train's all are)."""
+    from dsel.data.indexed import IndexedDataset
+
+    prefix = write_selection(tmp_path / "selected")
+    path = megatron_args.write(tmp_path, [prefix], SEQ_LEN, seed=SEED)
+    assert "do NOT\n# draw dsel train's samples" in path.read_text()
+    windows = {tuple(row) for row in np.asarray(IndexedDataset(prefix).stream).reshape(-1, SEQ_LEN + 1)}
+    megatron_lm = megatron_lm_train_samples(parse(megatron_args.read(path)), 24, tmp_path / "cache")
+    assert all(tuple(row) in windows for row in dsel_train_samples([prefix], 24))
+    assert sum(tuple(row) in windows for row in megatron_lm) < 24 // 2
+    plain = megatron_args.write(tmp_path / "plain", [write_counting_dataset(tmp_path / "data", vocab=VOCAB)], SEQ_LEN)
+    assert "NOT" not in plain.read_text()
