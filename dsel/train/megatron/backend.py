@@ -6,7 +6,9 @@ Every rank builds only its own tensor/pipeline slice of the model (dsel.train.me
 the torch backend's seeded init, or `init`'s weights, read tensor by tensor) in a megatron
 GPTModel (local layer spec, or Transformer Engine's when it is installed on a GPU machine), and
 trains it with megatron's DistributedDataParallel, its optimizer (`parallel.distributed_optimizer`
-shards the optimizer state over data-parallel ranks) and its pipeline schedules. Step s reads the
+shards the optimizer state over data-parallel ranks) and its pipeline schedules; `parallel.vpp` > 1
+gives each pipeline rank that many model chunks (virtual stages pp_rank, pp_rank + pp, ...) run by
+megatron's interleaved 1F1B schedule, which takes micro-batches in groups of pp. Step s reads the
 torch backend's samples [s*B*A, (s+1)*B*A) (B = batch_size, A = grad_accum micro-batches);
 data-parallel rank r takes rows [r*B/dp, (r+1)*B/dp) of each micro-batch, so every layout
 computes the same loss, the same learning-rate schedule and the same clipped updates as the
