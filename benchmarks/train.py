@@ -18,7 +18,7 @@ the full dsel GPT, which is what every rank used to do before sharding.
 
   python benchmarks/train.py                                      # CPU: small-cpu preset; GPU: pds-160m
   python benchmarks/train.py --preset tiny --layouts 1/1,2/1,1/2 --report-memory --out train_cpu.json
-  python benchmarks/train.py --preset gpt-1b --build-only --report-memory --layouts 1/1,2/1,1/2
+  python benchmarks/train.py --config configs/pretrain-1b-tp-pp.yaml --build-only --report-memory --layouts 1/1,2/1,1/2
 """
 import argparse
 import dataclasses
@@ -47,6 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", help="model preset (default: pds-160m on GPU, small-cpu on CPU)")
+    parser.add_argument("--config", help="take the model of this dsel train config instead (its preset and model "
+                                         "overrides), e.g. configs/pretrain-1b-tp-pp.yaml")
     parser.add_argument("--seq-len", type=int, help="override the preset's context length")
     parser.add_argument("--batch-size", type=int, help="sequences per step (default: 16 on GPU, 8 on CPU)")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per backend (median reported)")
@@ -147,12 +149,12 @@ def megatron_rank(job: dict) -> dict:
         seconds = timed(build, device, job["repeats"], True)
     else:
         build()
-        ddp = backend.wrap_ddp(holder["model"], cfg)
-        optimizer = backend.make_optimizer(ddp, cfg, bf16)
+        ddps = backend.wrap_ddp(holder["model"], cfg)
+        optimizer = backend.make_optimizer(ddps, cfg, bf16)
         tokens = torch.randint(0, config.vocab_size, (cfg.batch_size, config.seq_len + 1),
                                generator=torch.Generator().manual_seed(0))
         micro = [backend.rank_rows(tokens, None, 1, device)]
-        seconds = timed(lambda: backend.train_step(ddp, optimizer, micro, cfg.lr, cfg, config.seq_len), device,
+        seconds = timed(lambda: backend.train_step(ddps, optimizer, micro, cfg.lr, cfg, config.seq_len), device,
                         job["repeats"], False)
     row = {"rank": torch.distributed.get_rank(), "seconds": seconds,
            "params": shards.parameter_count(holder["model"]), "peak_memory_bytes": peak_bytes_since(baseline, device)}
@@ -195,11 +197,20 @@ def worker(job_file: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def benchmark_model(args, on_gpu: bool):
+    """The GPTConfig benchmarked: --config's model, or --preset's (with --seq-len)."""
+    overrides = {"seq_len": args.seq_len} if args.seq_len else {}
+    if args.config:
+        from dsel.config import load_config
+
+        return dataclasses.replace(load_config(TrainConfig, args.config).model_config(None, None), **overrides)
+    return preset(args.preset or ("pds-160m" if on_gpu else "small-cpu"), **overrides)
+
+
 def run(args) -> dict:
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
-    overrides = {"seq_len": args.seq_len} if args.seq_len else {}
-    config = preset(args.preset or ("pds-160m" if on_gpu else "small-cpu"), **overrides)
+    config = benchmark_model(args, on_gpu)
     batch_size = args.batch_size or (16 if on_gpu else 8)
     precision = "bf16" if on_gpu else "fp32"
     peak = H100_BF16_PEAK if on_gpu else matmul_flops(device)

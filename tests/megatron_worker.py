@@ -71,7 +71,7 @@ def probe(settings: dict, record: str) -> None:
     cfg = from_dict(TrainConfig, settings)
     config = torch_backend.model_config(cfg)
     forbid_full_model()
-    megatron_model.init_parallel(cfg.parallel.tp, cfg.parallel.pp)
+    megatron_model.init_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp)
     megatron_model.seed_everything(cfg.seed)
     model = backend.build_parallel_model(cfg, config, bf16=False)
     row = {"tp_rank": parallel_state.get_tensor_model_parallel_rank(),

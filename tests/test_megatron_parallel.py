@@ -1,5 +1,5 @@
-"""megatron backend under torchrun (2 CPU processes, gloo): TP=2, PP=2 and DP=2 (distributed optimizer)
-train the same model on the same samples as the torch backend, to the same losses and weights; a sharded
+"""megatron backend under torchrun (2 CPU processes, gloo): TP=2, PP=2, PP=2 x VPP=2 (interleaved 1F1B) and
+DP=2 (distributed optimizer) train the same model on the same samples as the torch backend, to the same losses and weights; a sharded
 checkpoint saved at one layout resumes at another (and on one process) to the same losses; each rank
 builds only its own shard."""
 import json
@@ -41,9 +41,10 @@ LAYOUTS = {
     "dp2-overlap": ({"distributed_optimizer": True, "overlap": True},
                     {"activation": "gelu", "bias": True, "n_query_groups": None}),
 }
+VPP = ({"pp": 2, "vpp": 2}, {"n_layer": 4, "tie_embeddings": True})  # 2 model chunks of 1 layer per pipeline rank
 REFERENCE = {"dp2-overlap": "dp2"}  # layouts compared with another layout's torch run (same model)
 PRECISION = {"pp2-bf16": "bf16"}
-PROBES = {"tp2": {"tp": 2}, "pp2": {"pp": 2}}  # layouts whose per-rank construction is measured
+PROBES = {"tp2": ({"tp": 2}, {}), "pp2": ({"pp": 2}, {}), "pp2-vpp2": VPP}  # layouts whose per-rank construction is measured
 
 
 def settings(tmp_path, data, name, model_changes, **overrides):
@@ -105,6 +106,7 @@ def runs(tmp_path_factory):
             continue
         torch_backend.train(from_dict(TrainConfig, settings(tmp_path, data, f"{name}-torch", changes, backend="torch",
                                                             **extra[name])))
+    torch_backend.train(from_dict(TrainConfig, settings(tmp_path, data, "vpp-torch", VPP[1], backend="torch")))
     dp2_layout, dp2_changes = LAYOUTS["dp2"]
     resumed = settings(tmp_path, data, "dp2-resumed", dp2_changes, parallel=dp2_layout, save_every=3, interrupt_after=4)
     # Saved after step 3 at one layout, resumed in copies of out/ at others (the checkpoint is resharded).
@@ -115,10 +117,14 @@ def runs(tmp_path_factory):
     dp2_reshard = settings(tmp_path, data, "dp2-reshard", dp2_changes, parallel=dp2_layout, save_every=3,
                            interrupt_after=3, resume_as=[{"out": str(tmp_path / "reshard-dp2-tp2"),
                                                           "parallel": {"tp": 2, "distributed_optimizer": True}}])
-    probes = [{"probe": settings(tmp_path, data, "probe", {}, parallel=layout), "record": str(tmp_path / f"probe-{name}")}
-              for name, layout in PROBES.items()]
+    # Interleaved: steps 1-3 at PP=2 x VPP=2, saved, then resumed at the same layout and (resharded) without VPP.
+    vpp = settings(tmp_path, data, "vpp", VPP[1], parallel=VPP[0], save_every=3, interrupt_after=3,
+                   resume_as=[{"out": str(tmp_path / "vpp-resumed"), "parallel": VPP[0]},
+                              {"out": str(tmp_path / "vpp-to-pp2"), "parallel": {"pp": 2}}])
+    probes = [{"probe": settings(tmp_path, data, "probe", changes, parallel=layout),
+               "record": str(tmp_path / f"probe-{name}")} for name, (layout, changes) in PROBES.items()]
     torchrun(tmp_path, [settings(tmp_path, data, name, changes, parallel=layout, **extra[name])
-                        for name, (layout, changes) in LAYOUTS.items()] + [resumed, tp2_reshard, dp2_reshard] + probes)
+                        for name, (layout, changes) in LAYOUTS.items()] + [resumed, tp2_reshard, dp2_reshard, vpp] + probes)
     return tmp_path
 
 
@@ -168,6 +174,26 @@ def test_bad_layout_is_one_line_error(changes, tp, pp, world, message):
     config = GPTConfig(**{**MODEL, **changes})
     with pytest.raises(DselError, match=message):
         check_parallel_sizes(config, tp, pp, world)
+
+
+@pytest.mark.parametrize("parallel,grad_accum,message", [
+    ({"pp": 2, "vpp": 2}, 2, "n_layer=2 is not divisible by parallel.pp\\*parallel.vpp = 2\\*2"),
+    ({"vpp": 2}, 2, "parallel.vpp=2 needs parallel.pp > 1"),
+    ({"pp": 2, "vpp": 0}, 2, "parallel.vpp=0 must be >= 1"),
+])
+def test_bad_virtual_pipeline_is_one_line_error(tmp_path, parallel, grad_accum, message):
+    data = write_counting_dataset(tmp_path / "train", vocab=MODEL["vocab_size"])
+    cfg = from_dict(TrainConfig, settings(tmp_path, data, "vpp", {}, parallel=parallel, grad_accum=grad_accum))
+    with pytest.raises(DselError, match=message):
+        backend.check_layout(cfg, torch_backend.model_config(cfg), 2)
+
+
+def test_interleaving_needs_whole_micro_batch_groups(tmp_path):
+    """megatron's interleaved schedule runs micro-batches in groups of pp: grad_accum=3 at pp=2 is refused."""
+    data = write_counting_dataset(tmp_path / "train", vocab=MODEL["vocab_size"])
+    cfg = from_dict(TrainConfig, settings(tmp_path, data, "vpp", VPP[1], parallel=VPP[0], grad_accum=3))
+    with pytest.raises(DselError, match="grad_accum=3 is not a multiple of parallel.pp=2"):
+        backend.check_layout(cfg, torch_backend.model_config(cfg), 2)
 
 
 @pytest.mark.parametrize("tp,message", [(2, "sequence_parallel needs Transformer Engine"),
@@ -235,10 +261,10 @@ def test_tp2_checkpoint_resumes_on_one_process(runs, tmp_path):
     torch.testing.assert_close(read_log(tmp_path / "one")[0], read_log(runs / "tp2-torch")[0], atol=1e-5, rtol=0)
 
 
-def full_gpt_params(tmp_path) -> dict[str, int]:
+def full_gpt_params(tmp_path, changes=None) -> dict[str, int]:
     """Parameter name -> element count of the full model (the torch backend's)."""
     data = write_counting_dataset(tmp_path / "train", vocab=MODEL["vocab_size"])
-    gpt = torch_backend.build_model(from_dict(TrainConfig, settings(tmp_path, data, "full", {})))
+    gpt = torch_backend.build_model(from_dict(TrainConfig, settings(tmp_path, data, "full", changes or {})))
     return {name: p.numel() for name, p in gpt.named_parameters()}
 
 
@@ -252,7 +278,37 @@ def test_each_rank_builds_only_its_shard(runs, tmp_path):
     assert [row["params"] for row in rows["tp2"]] == [(sum(full.values()) - norms) // 2 + norms] * 2
     first_stage = sum(n for name, n in full.items() if name.startswith(("embedding.", "decoder.layers.0.")))
     assert [row["params"] for row in rows["pp2"]] == [first_stage, sum(full.values()) - first_stage]
-    assert all(row["params"] < sum(full.values()) for layout in rows.values() for row in layout)
+    assert all(row["params"] < sum(full.values()) for name in ("tp2", "pp2") for row in rows[name])
+
+
+def test_each_pipeline_rank_builds_only_its_interleaved_chunks(runs, tmp_path):
+    """PP=2 x VPP=2 over 4 layers: rank 0 holds chunks (embedding, layer 0) and (layer 2), rank 1 (layer 1) and
+    (layer 3, final norm, its copy of the tied embedding as the head) — megatron's interleaved assignment."""
+    full = full_gpt_params(tmp_path, VPP[1])
+    rows = sorted((json.loads((runs / f"probe-pp2-vpp2.{r}.json").read_text()) for r in range(2)),
+                  key=lambda row: row["pp_rank"])
+
+    def held(*prefixes):
+        return sum(n for name, n in full.items() if name.startswith(prefixes))
+
+    assert [row["params"] for row in rows] == [
+        held("embedding.", "decoder.layers.0.", "decoder.layers.2."),
+        held("decoder.layers.1.", "decoder.layers.3.", "decoder.final_layernorm.", "embedding.")]
+
+
+@pytest.mark.parametrize("resumed", ["vpp-resumed", "vpp-to-pp2"])
+def test_interleaved_pipeline_matches_torch_backend_and_resumes(runs, resumed):
+    """PP=2 x VPP=2 (interleaved 1F1B, tied embeddings) trained 3 steps, saved, then resumed at the same layout and
+    resharded to PP=2 without virtual stages: every step's loss, the valid loss and the final weights of the torch
+    backend."""
+    losses, valid = read_log(runs / resumed)
+    ref_losses, ref_valid = read_log(runs / "vpp-torch")
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.2
+    torch.testing.assert_close(losses, ref_losses, atol=1e-5, rtol=0)
+    torch.testing.assert_close(valid, ref_valid, atol=1e-5, rtol=0)
+    assert_same_weights(runs / resumed / "model", runs / "vpp-torch" / "model")
+    meta = json.loads((runs / resumed / "model" / "meta.json").read_text())
+    assert (meta["parallel"]["pp"], meta["parallel"]["vpp"]) == {"vpp-resumed": (2, 2), "vpp-to-pp2": (2, 1)}[resumed]
 
 
 def test_export_writes_a_dsel_checkpoint(runs, tmp_path):

@@ -13,10 +13,18 @@ total is Megatron-LM's `--train-iters * --global-batch-size` (or `--train-sample
 The tokenizer arguments point Megatron-LM at the tokenizer that made the tokens; they do not
 change which samples are drawn.
 
-One prefix trains on exactly that dataset. Several prefixes are a weighted blend; megatron-core's
-builder then asks each dataset for 0.5% more samples than its share (mid_level_dataset_surplus),
-which can change a blended dataset's shuffle: blends are written, but only one prefix is
-guaranteed to reproduce dsel's order (`dsel select` writes one).
+One prefix trains on exactly that dataset. Several prefixes are a blend, weighted as dsel train weights
+it (`data_weights`, or by token count when none are given; the weights are written out either way, since
+Megatron-LM weighs an unweighted list otherwise); megatron-core's builder then builds each dataset for
+ceil(ceil(N*w) * (1 + --mid-level-dataset-surplus)) samples, which dsel train's blend does too
+(torch_backend.blend_dataset_sizes), so the surplus is written with its value.
+
+A `dsel select` output of W-token windows is the exception: dsel train trains it window by window
+(one sample = one selected window, dsel.data.loader.WindowSampleLoader), while megatron-core's
+GPTDataset, and so pretrain_gpt.py, cuts the token stream every seq_len tokens (its samples join
+neighbouring windows) and megatron-core 0.16 has no whole-document sampling pretrain_gpt.py can ask
+for. The file then says in its header that Megatron-LM trains on the selected tokens, not on dsel
+train's samples.
 """
 from __future__ import annotations
 
@@ -24,8 +32,10 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from dsel.data.indexed import IndexedDataset
 from dsel.data.meta import meta_path, read_meta
 from dsel.io import atomic_path
+from dsel.train.torch_backend import MID_LEVEL_DATASET_SURPLUS, selection_window
 
 FILE_NAME = "megatron_args.txt"
 DEFAULT_SEED = 1234  # dsel train's default `seed`
@@ -45,12 +55,13 @@ def megatron_args(prefixes: Sequence[str], seq_len: int, seed: int = DEFAULT_SEE
                   weights: Sequence[float] | None = None, meta_from: str | None = None) -> list[str]:
     """The data arguments, one option (with its values) per item; the tokenizer is read from the meta of
     `meta_from` (default: the first prefix), for outputs still being built beside their final place."""
-    if weights is None:
-        data_path = [str(p) for p in prefixes]
+    if len(prefixes) == 1 and weights is None:
+        lines = [f"--data-path {prefixes[0]}"]
     else:
-        data_path = [str(x) for pair in zip(weights, prefixes) for x in pair]
-    lines = [" ".join(["--data-path", *data_path]), "--split 100,0,0", f"--seq-length {seq_len}",
-             f"--max-position-embeddings {seq_len}", f"--seed {seed}"]
+        weights = weights or [IndexedDataset(p).num_tokens for p in prefixes]  # dsel train's default blend
+        lines = [" ".join(["--data-path", *(str(x) for pair in zip(weights, prefixes) for x in pair)]),
+                 f"--mid-level-dataset-surplus {MID_LEVEL_DATASET_SURPLUS}"]
+    lines += ["--split 100,0,0", f"--seq-length {seq_len}", f"--max-position-embeddings {seq_len}", f"--seed {seed}"]
     tokenizer = tokenizer_args(str(meta_from or prefixes[0]))
     if tokenizer:
         lines += [" ".join(tokenizer[i : i + 2]) for i in range(0, len(tokenizer), 2)]
@@ -61,12 +72,19 @@ def write(out: str | os.PathLike, prefixes: Sequence[str], seq_len: int, seed: i
           weights: Sequence[float] | None = None, meta_from: str | None = None) -> Path:
     """Write out/megatron_args.txt (atomically): comment lines, then one argument per line."""
     path = Path(out) / FILE_NAME
-    header = [
-        "# Megatron-LM pretrain_gpt.py data arguments that draw the samples `dsel train backend=megatron` draws",
-        f"# on this data (seq_len={seq_len}, seed={seed}). Also set --train-iters x --global-batch-size equal to dsel",
-        "# train's steps x batch_size x grad_accum: the sample shuffle depends on the total.",
-        "# usage: python pretrain_gpt.py $(grep -v '^#' megatron_args.txt) <model and optimizer arguments>",
-    ]
+    window = selection_window(str(meta_from or prefixes[0]))
+    if window is None:
+        header = [
+            "# Megatron-LM pretrain_gpt.py data arguments that draw the samples `dsel train backend=megatron` draws",
+            f"# on this data (seq_len={seq_len}, seed={seed}). Also set --train-iters x --global-batch-size equal to "
+            "dsel", "# train's steps x batch_size x grad_accum: the sample shuffle depends on the total."]
+    else:
+        header = [
+            f"# Megatron-LM pretrain_gpt.py data arguments for this selection of {window}-token windows. They do NOT",
+            "# draw dsel train's samples: dsel train trains a selection window by window, Megatron-LM's GPTDataset",
+            f"# cuts the token stream every {seq_len} tokens (its samples join neighbouring windows, in its own order).",
+            "# To train on exactly the selected windows in dsel's order, use dsel train backend=megatron."]
+    header.append("# usage: python pretrain_gpt.py $(grep -v '^#' megatron_args.txt) <model and optimizer arguments>")
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(header + megatron_args(prefixes, seq_len, seed, weights, meta_from)) + "\n")
     return path

@@ -34,6 +34,8 @@ class ParallelConfig:
 
     tp: int = option(1, "tensor-parallel size")
     pp: int = option(1, "pipeline-parallel size")
+    vpp: int = option(1, "virtual pipeline stages (model chunks) per pp rank, megatron's "
+                          "virtual_pipeline_model_parallel_size: the interleaved 1F1B schedule; needs pp > 1")
     distributed_optimizer: bool = option(False, "shard optimizer state over data-parallel ranks")
     overlap: bool = option(False, "overlap the data-parallel grad reduce with the backward pass (and, with "
                                   "distributed_optimizer, the param all-gather with the next forward)")

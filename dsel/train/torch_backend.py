@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,14 +78,25 @@ def blending_index(weights: Sequence[float], size: int) -> tuple[np.ndarray, np.
     return dataset_index, dataset_sample
 
 
+MID_LEVEL_DATASET_SURPLUS = 0.005  # megatron-core's default (Megatron-LM's --mid-level-dataset-surplus)
+
+
+def blend_dataset_sizes(weights: Sequence[float], num_samples: int) -> list[int]:
+    """The samples each dataset of a blend is built for, as megatron-core's BlendedMegatronDatasetBuilder asks
+    them: ceil(ceil(N * w) * (1 + surplus)). A dataset's shuffle depends on its size (its number of epochs), so
+    these sizes, not the blend's own draw counts, make a blend's samples megatron's."""
+    normalized = (np.asarray(weights, dtype=np.float64) / np.sum(weights)).tolist()
+    return [math.ceil(math.ceil(num_samples * w) * (1 + MID_LEVEL_DATASET_SURPLUS)) for w in normalized]
+
+
 class BlendedSamples:
     """Samples of several datasets interleaved by weight; `batch(ids)` like GPTSampleLoader's."""
 
     def __init__(self, datasets: list[IndexedDataset], weights: Sequence[float], seq_len: int, seed: int,
                  num_samples: int):
         self.dataset_index, self.dataset_sample = blending_index(weights, num_samples)
-        counts = np.bincount(self.dataset_index, minlength=len(datasets))
-        self.loaders = [sample_loader(ds, seq_len, seed, max(int(n), 1)) for ds, n in zip(datasets, counts)]
+        sizes = blend_dataset_sizes(weights, num_samples)
+        self.loaders = [sample_loader(ds, seq_len, seed, max(n, 1)) for ds, n in zip(datasets, sizes)]
         self.seq_len, self.num_samples = seq_len, num_samples
 
     def batch(self, ids: np.ndarray) -> np.ndarray:

@@ -6,7 +6,9 @@ Every rank builds only its own tensor/pipeline slice of the model (dsel.train.me
 the torch backend's seeded init, or `init`'s weights, read tensor by tensor) in a megatron
 GPTModel (local layer spec, or Transformer Engine's when it is installed on a GPU machine), and
 trains it with megatron's DistributedDataParallel, its optimizer (`parallel.distributed_optimizer`
-shards the optimizer state over data-parallel ranks) and its pipeline schedules. Step s reads the
+shards the optimizer state over data-parallel ranks) and its pipeline schedules; `parallel.vpp` > 1
+gives each pipeline rank that many model chunks (virtual stages pp_rank, pp_rank + pp, ...) run by
+megatron's interleaved 1F1B schedule, which takes micro-batches in groups of pp. Step s reads the
 torch backend's samples [s*B*A, (s+1)*B*A) (B = batch_size, A = grad_accum micro-batches);
 data-parallel rank r takes rows [r*B/dp, (r+1)*B/dp) of each micro-batch, so every layout
 computes the same loss, the same learning-rate schedule and the same clipped updates as the
@@ -52,10 +54,13 @@ def world_size() -> int:
 def check_layout(cfg: TrainConfig, config, world: int) -> int:
     """The data-parallel size, after checking the model, the world and the batch split tp x pp x dp ways."""
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    megatron_model.check_parallel_sizes(config, tp, pp, world)
+    megatron_model.check_parallel_sizes(config, tp, pp, world, vpp=cfg.parallel.vpp)
     if cfg.parallel.sequence_parallel:
         megatron_model.check_sequence_parallel(tp)
     dp = world // (tp * pp)
+    if cfg.parallel.vpp > 1 and cfg.grad_accum % pp:
+        raise DselError(f"train config: grad_accum={cfg.grad_accum} is not a multiple of parallel.pp={pp}; megatron's "
+                        f"interleaved schedule (parallel.vpp={cfg.parallel.vpp}) runs micro-batches in groups of pp")
     if cfg.batch_size % dp:
         raise DselError(f"train config: batch_size={cfg.batch_size} is not divisible by the data-parallel size {dp} "
                         f"(world {world} / tp {tp} / pp {pp})")
@@ -81,50 +86,57 @@ def compute_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def build_parallel_model(cfg: TrainConfig, config, bf16: bool):
-    """This rank's megatron stage holding only its slice of the run's initial weights, wrapped for bf16 if asked."""
+def build_parallel_model(cfg: TrainConfig, config, bf16: bool) -> list:
+    """This rank's megatron model chunks (one per virtual pipeline stage; one without vpp) holding only its slice
+    of the run's initial weights, wrapped for bf16 if asked."""
     from megatron.core.transformer.module import Float16Module
 
     weights = shards.initial_weights(config, cfg.seed, cfg.init)
-    model = shards.build_rank_model(config, cfg.parallel.tp, cfg.parallel.pp, bf16, weights,
-                                    sequence_parallel=cfg.parallel.sequence_parallel)
-    return Float16Module(model.config, model) if bf16 else model
+    chunks = shards.build_rank_model(config, cfg.parallel.tp, cfg.parallel.pp, bf16, weights,
+                                     sequence_parallel=cfg.parallel.sequence_parallel, vpp=cfg.parallel.vpp)
+    return [Float16Module(model.config, model) if bf16 else model for model in chunks]
 
 
-def wrap_ddp(model, cfg: TrainConfig):
-    """megatron's DistributedDataParallel (contiguous fp32 grad buffers, all-reduce or reduce-scatter)."""
+def wrap_ddp(chunks: list, cfg: TrainConfig) -> list:
+    """megatron's DistributedDataParallel per model chunk (contiguous fp32 grad buffers, all-reduce or
+    reduce-scatter); like Megatron-LM, only the first chunk splits its grads into buckets."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
     overlap, distributed = cfg.parallel.overlap, cfg.parallel.distributed_optimizer
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=overlap,
                                                overlap_param_gather=overlap and distributed,
                                                use_distributed_optimizer=distributed)
-    ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
-    ddp.config.finalize_model_grads_func = finalize_model_grads  # DP grad sync + tied-embedding grads across PP
+    ddps = [DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model,
+                                    disable_bucketing=index > 0) for index, model in enumerate(chunks)]
+    config = ddps[0].config  # the schedules read their hooks from the first chunk's config
+    for ddp in ddps:
+        ddp.config.finalize_model_grads_func = finalize_model_grads  # DP grad sync + tied-embedding grads across PP
     if overlap:  # reduce each bucket as its grads are ready, on the last micro-batch only
-        ddp.config.no_sync_func = ddp.no_sync
-    return ddp
+        config.no_sync_func = ddps[0].no_sync if len(ddps) == 1 else [ddp.no_sync for ddp in ddps]
+    return ddps
 
 
-def synced_params(ddp):
+def synced_params(ddps: list):
     """Finish an overlapped param all-gather and pause the forward pre-hooks (for evaluation and saving), then
     resume them; nothing to do without overlap_param_gather."""
-    overlapped = ddp.ddp_config.overlap_param_gather
+    overlapped = ddps[0].ddp_config.overlap_param_gather
 
     @contextlib.contextmanager
     def paused():
         if overlapped:
-            ddp.disable_forward_pre_hook()
+            for ddp in ddps:
+                ddp.disable_forward_pre_hook()
         try:
             yield
         finally:
             if overlapped:
-                ddp.enable_forward_pre_hook()
+                for ddp in ddps:
+                    ddp.enable_forward_pre_hook()
 
     return paused()
 
 
-def make_optimizer(ddp, cfg: TrainConfig, bf16: bool):
+def make_optimizer(ddps: list, cfg: TrainConfig, bf16: bool):
     """megatron's AdamW or plain SGD (optionally distributed), clipping at cfg.grad_clip; no decay on norms/biases."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
@@ -134,8 +146,9 @@ def make_optimizer(ddp, cfg: TrainConfig, bf16: bool):
         clip_grad=cfg.grad_clip, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
     )
-    optimizer = get_megatron_optimizer(config, [ddp])
-    ddp.config.grad_scale_func = optimizer.scale_loss
+    optimizer = get_megatron_optimizer(config, ddps)
+    for ddp in ddps:
+        ddp.config.grad_scale_func = optimizer.scale_loss
     return optimizer
 
 
@@ -161,13 +174,15 @@ def weighted_window_loss(weights: torch.Tensor, token_losses: torch.Tensor):
     return weighted / len(weights), {"sum": weighted.detach(), "count": weights.sum().detach()}
 
 
-def run_schedule(ddp, micro_batches: list, seq_len: int, forward_only: bool) -> tuple[float, float]:
-    """Forward (and backward) over micro-batches with megatron's schedule; (loss sum, weight sum) over all ranks."""
+def run_schedule(ddps: list, micro_batches: list, seq_len: int, forward_only: bool) -> tuple[float, float]:
+    """Forward (and backward) over micro-batches with megatron's schedule (interleaved over model chunks with vpp:
+    each chunk reads every micro-batch); (loss sum, weight sum) over all ranks."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    data = iter(micro_batches) if len(ddps) == 1 else [iter(micro_batches) for _ in ddps]
     results = get_forward_backward_func()(
-        forward_step_func=window_losses_step, data_iterator=iter(micro_batches), model=[ddp],
+        forward_step_func=window_losses_step, data_iterator=data, model=ddps,
         num_microbatches=len(micro_batches), seq_length=seq_len, micro_batch_size=len(micro_batches[0][0]),
         forward_only=forward_only)
     totals = torch.zeros(2, dtype=torch.float64)
@@ -190,41 +205,45 @@ def rank_rows(tokens: torch.Tensor, weights: torch.Tensor | None, dp: int, devic
     return tokens[rows].to(device), weights[rows].float().to(device)
 
 
-def train_step(ddp, optimizer, micro_batches, lr: float, cfg: TrainConfig, seq_len: int) -> tuple[float, float]:
+def train_step(ddps: list, optimizer, micro_batches, lr: float, cfg: TrainConfig, seq_len: int) -> tuple[float, float]:
     """One optimizer step over this rank's micro-batches -> (step loss, grad norm before clipping)."""
-    ddp.zero_grad_buffer()
+    for ddp in ddps:
+        ddp.zero_grad_buffer()
     optimizer.zero_grad()
     set_lr(optimizer, lr, cfg.weight_decay)
-    loss_sum, _ = run_schedule(ddp, micro_batches, seq_len, forward_only=False)
+    loss_sum, _ = run_schedule(ddps, micro_batches, seq_len, forward_only=False)
     _, grad_norm, _ = optimizer.step()
     return loss_sum / cfg.samples_per_step, float(grad_norm or 0.0)
 
 
 @torch.no_grad()
-def evaluate(ddp, windows, cfg: TrainConfig, seq_len: int, dp: int) -> float:
+def evaluate(ddps: list, windows, cfg: TrainConfig, seq_len: int, dp: int) -> float:
     """Mean loss of the torch backend's held-out windows (the first eval_batches * batch_size `windows`)."""
     import numpy as np
 
     count = min(len(windows), cfg.eval_batches * cfg.batch_size)
-    padded = -(-count // cfg.batch_size) * cfg.batch_size  # whole micro-batches; padding rows weigh 0
+    group = cfg.batch_size * (cfg.parallel.pp if cfg.parallel.vpp > 1 else 1)  # interleaving: pp micro-batches at a time
+    padded = -(-count // group) * group  # whole micro-batches; padding rows weigh 0
     ids = np.minimum(np.arange(padded), count - 1)
     tokens = torch.from_numpy(windows.batch(ids, dtype=np.int64))
     weights = (torch.arange(padded) < count).float()
     device = compute_device()
     micro = [rank_rows(tokens[i : i + cfg.batch_size], weights[i : i + cfg.batch_size], dp, device)
              for i in range(0, padded, cfg.batch_size)]
-    ddp.eval()
-    loss_sum, weight_sum = run_schedule(ddp, micro, seq_len, forward_only=True)
-    ddp.train()
+    for ddp in ddps:
+        ddp.eval()
+    loss_sum, weight_sum = run_schedule(ddps, micro, seq_len, forward_only=True)
+    for ddp in ddps:
+        ddp.train()
     return loss_sum / weight_sum
 
 
-def replica_spread(model) -> float:
+def replica_spread(chunks: list) -> float:
     """Largest difference between the data-parallel replicas' checksums of this rank's shard (0 when they hold
     identical weights, as they must)."""
     from megatron.core import parallel_state
 
-    checksum = sum(p.detach().double().abs().sum().item() for p in model.parameters())
+    checksum = sum(p.detach().double().abs().sum().item() for model in chunks for p in model.parameters())
     sums = torch.tensor([checksum, -checksum], dtype=torch.float64, device=compute_device())
     torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.MAX,
                                  group=parallel_state.get_data_parallel_group())
@@ -233,10 +252,10 @@ def replica_spread(model) -> float:
     return spread.item()
 
 
-def unwrap(ddp):
-    """The GPTModel inside DDP (and Float16Module)."""
-    model = ddp.module
-    return model.module if hasattr(model, "module") and not hasattr(model, "decoder") else model
+def unwrap(ddps: list) -> list:
+    """The GPTModel chunks inside DDP (and Float16Module)."""
+    models = [ddp.module for ddp in ddps]
+    return [model.module if hasattr(model, "module") and not hasattr(model, "decoder") else model for model in models]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,19 +272,19 @@ def layout(cfg: TrainConfig) -> dict:
     return {**to_dict(cfg.parallel), "dp": world_size() // (cfg.parallel.tp * cfg.parallel.pp), "world": world_size()}
 
 
-def save_state(cfg: TrainConfig, ddp, optimizer, config, meta: dict, step: int) -> Path:
+def save_state(cfg: TrainConfig, ddps: list, optimizer, config, meta: dict, step: int) -> Path:
     """Collective: the sharded checkpoint of `step`, with what resuming and export check."""
     from dsel.train.torch_backend import run_key, tokens_per_step
 
-    model = unwrap(ddp)
+    chunks = unwrap(ddps)
     common = {"step": step, "tokens": step * tokens_per_step(cfg, model_of(config)), "config": to_dict(cfg),
               "key": run_key(cfg, RESUMABLE),
-              "model": dataclasses.asdict(config), "layout": {**layout(cfg), "dp_replica_spread": replica_spread(model)},
+              "model": dataclasses.asdict(config), "layout": {**layout(cfg), "dp_replica_spread": replica_spread(chunks)},
               "meta": meta}
-    return checkpoint.save_step(state_dir(cfg), step, model, optimizer, common)
+    return checkpoint.save_step(state_dir(cfg), step, chunks, optimizer, common)
 
 
-def load_state(cfg: TrainConfig, config, ddp, optimizer) -> int:
+def load_state(cfg: TrainConfig, config, ddps: list, optimizer) -> int:
     """Resume from the latest sharded checkpoint of cfg.out (any layout; same run and architecture): its step,
     or 0 when there is none."""
     from dsel.train.torch_backend import check_same_run, run_key, run_settings
@@ -282,10 +301,11 @@ def load_state(cfg: TrainConfig, config, ddp, optimizer) -> int:
     if saved["layout"]["distributed_optimizer"] != cfg.parallel.distributed_optimizer:
         raise file_error(folder, f"was saved with parallel.distributed_optimizer="
                                  f"{saved['layout']['distributed_optimizer']}; resume with the same setting")
-    checkpoint.load(folder, unwrap(ddp), optimizer)
-    if saved["layout"]["tp"] != cfg.parallel.tp or saved["layout"]["pp"] != cfg.parallel.pp:
-        log.info("resharded %s from tp=%d pp=%d dp=%d to tp=%d pp=%d dp=%d", folder, saved["layout"]["tp"],
-                 saved["layout"]["pp"], saved["layout"]["dp"], cfg.parallel.tp, cfg.parallel.pp, layout(cfg)["dp"])
+    checkpoint.load(folder, unwrap(ddps), optimizer)
+    before = {key: saved["layout"].get(key, 1) for key in ("tp", "pp", "vpp", "dp")}
+    after = {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "vpp": cfg.parallel.vpp, "dp": layout(cfg)["dp"]}
+    if before != after:
+        log.info("resharded %s from %s to %s", folder, before, after)
     return saved["step"]
 
 
@@ -327,13 +347,13 @@ def train(cfg: TrainConfig, sample_weights=None, on_step: Callable[[int, dict], 
 
     logging.getLogger("megatron.core").setLevel(logging.WARNING)  # it logs its whole config and every parameter name
     started_here = not torch.distributed.is_initialized()
-    megatron_model.init_parallel(cfg.parallel.tp, cfg.parallel.pp)
+    megatron_model.init_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp)
     try:
         megatron_model.seed_everything(cfg.seed)
         bf16 = use_bf16(cfg)
-        ddp = wrap_ddp(build_parallel_model(cfg, config, bf16), cfg)
-        optimizer = make_optimizer(ddp, cfg, bf16)
-        first_step = load_state(cfg, config, ddp, optimizer)
+        ddps = wrap_ddp(build_parallel_model(cfg, config, bf16), cfg)
+        optimizer = make_optimizer(ddps, cfg, bf16)
+        first_step = load_state(cfg, config, ddps, optimizer)
         is_logger = torch.distributed.get_rank() == 0
         out = Path(cfg.out)
         if is_logger:
@@ -341,7 +361,8 @@ def train(cfg: TrainConfig, sample_weights=None, on_step: Callable[[int, dict], 
                 log.info("resuming %s at step %d of %d", out, first_step, steps)
             save_config(cfg, out / "config.yaml")
             torch_backend.cut_log(out / cfg.log, first_step)
-        ddp.train()
+        for ddp in ddps:
+            ddp.train()
         with open(out / cfg.log, "a") if is_logger else open(os.devnull, "w") as log_file:
             bar = progress(total=steps, initial=first_step, unit="step",
                            desc=f"train (megatron tp={cfg.parallel.tp} pp={cfg.parallel.pp} dp={dp})",
@@ -351,7 +372,7 @@ def train(cfg: TrainConfig, sample_weights=None, on_step: Callable[[int, dict], 
             for step, micro_batches in enumerate(batches, first_step):
                 micro = [rank_rows(tokens, weights, dp, compute_device()) for tokens, weights in micro_batches]
                 lr = torch_backend.learning_rate(cfg, step, steps)
-                loss, grad_norm = train_step(ddp, optimizer, micro, lr, cfg, seq_len)
+                loss, grad_norm = train_step(ddps, optimizer, micro, lr, cfg, seq_len)
                 done = step + 1
                 row = {"step": done, "loss": loss, "lr": lr, "tokens": done * torch_backend.tokens_per_step(cfg, gpt),
                        "grad_norm": grad_norm}
@@ -359,12 +380,12 @@ def train(cfg: TrainConfig, sample_weights=None, on_step: Callable[[int, dict], 
                 bar.update()
                 bar.set_postfix(loss=f"{loss:.4f}")
                 if run.valid is not None and cfg.evaluates_after(done, steps):
-                    with synced_params(ddp):
-                        valid_loss = evaluate(ddp, run.valid, cfg, seq_len, dp)
+                    with synced_params(ddps):
+                        valid_loss = evaluate(ddps, run.valid, cfg, seq_len, dp)
                     torch_backend.write_row(log_file, {"step": done, "valid_loss": valid_loss})
                 if cfg.saves_after(done, steps):
-                    with synced_params(ddp):
-                        save_state(cfg, ddp, optimizer, config, run.meta, done)
+                    with synced_params(ddps):
+                        save_state(cfg, ddps, optimizer, config, run.meta, done)
                 if done == steps:
                     export_model(cfg)
                 if on_step is not None:

@@ -39,11 +39,17 @@ _TE_NORMS = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.wei
              "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias"}
 
 
-def sharded_state(model, optimizer, loading: bool) -> dict:
-    """megatron's sharded state dict of this rank's model stage and optimizer."""
+def model_keys(chunks: list) -> list[str]:
+    """The state keys of a rank's model chunks, Megatron-LM's: `model`, or model0, model1, ... with vpp."""
+    return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+
+
+def sharded_state(chunks: list, optimizer, loading: bool) -> dict:
+    """megatron's sharded state dict of this rank's model chunks and optimizer (tensors keyed by their global
+    layer index, so the chunking does not show in the stored tensors)."""
     prime_empty_state(optimizer)
-    model_state = model.sharded_state_dict()
-    return {"model": model_state,
+    model_state = {key: model.sharded_state_dict() for key, model in zip(model_keys(chunks), chunks)}
+    return {**model_state,
             "optimizer": optimizer.sharded_state_dict(model_state, is_loading=loading, metadata=OPTIMIZER_METADATA)}
 
 
@@ -72,11 +78,11 @@ def prime_empty_state(optimizer) -> None:
                 state["step"] = torch.tensor(0.0)
 
 
-def save(folder: Path, model, optimizer, common: dict) -> None:
+def save(folder: Path, chunks: list, optimizer, common: dict) -> None:
     """Collective: every rank writes its shards into the (new, empty) `folder`; `common` goes into common.pt."""
     from megatron.core import dist_checkpointing
 
-    dist_checkpointing.save({**sharded_state(model, optimizer, loading=False), "dsel": common}, str(folder),
+    dist_checkpointing.save({**sharded_state(chunks, optimizer, loading=False), "dsel": common}, str(folder),
                             sharded_strategy=(FORMAT, 1))
 
 
@@ -118,16 +124,17 @@ def check_shards(folder: Path) -> None:
         raise file_error(folder / missing[0], f"shard missing ({len(missing)} of {len(files)} shard files absent)")
 
 
-def load(folder: Path, model, optimizer) -> None:
-    """Collective: fill this rank's model stage and optimizer from `folder`, whatever layout saved it."""
+def load(folder: Path, chunks: list, optimizer) -> None:
+    """Collective: fill this rank's model chunks and optimizer from `folder`, whatever layout saved it."""
     from megatron.core import dist_checkpointing
 
     check_shards(folder)
     try:
-        state = dist_checkpointing.load(sharded_state(model, optimizer, loading=True), str(folder))
+        state = dist_checkpointing.load(sharded_state(chunks, optimizer, loading=True), str(folder))
     except Exception as e:  # a damaged shard surfaces deep in torch.distributed.checkpoint
         raise file_error(folder, f"cannot be loaded ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})") from None
-    model.load_state_dict(state["model"])
+    for key, model in zip(model_keys(chunks), chunks):
+        model.load_state_dict(state[key])
     load_optimizer(optimizer, state["optimizer"])
 
 
@@ -175,7 +182,7 @@ def latest(state_dir: Path) -> Path | None:
     return state_dir / f"step-{read_json(path)['step']}"
 
 
-def save_step(state_dir: Path, step: int, model, optimizer, common: dict) -> Path:
+def save_step(state_dir: Path, step: int, chunks: list, optimizer, common: dict) -> Path:
     """Collective: write step-S (into a temporary folder, renamed once every rank is done), point latest.json
     at it and drop older steps; a kill at any moment leaves the previous checkpoint usable."""
     rank = torch.distributed.get_rank()
@@ -184,7 +191,7 @@ def save_step(state_dir: Path, step: int, model, optimizer, common: dict) -> Pat
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     torch.distributed.barrier()
-    save(tmp, model, optimizer, common)
+    save(tmp, chunks, optimizer, common)
     torch.distributed.barrier()
     if rank == 0:
         shutil.rmtree(folder, ignore_errors=True)

@@ -24,10 +24,14 @@ def use_transformer_engine() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
-def check_parallel_sizes(config: GPTConfig, tp: int, pp: int, world_size: int, source: str = "train config") -> None:
-    """Raise a one-line DselError when the model or the world cannot be split tp x pp ways."""
-    if tp < 1 or pp < 1:
-        raise DselError(f"{source}: parallel.tp={tp} and parallel.pp={pp} must be >= 1")
+def check_parallel_sizes(config: GPTConfig, tp: int, pp: int, world_size: int, source: str = "train config",
+                         vpp: int = 1) -> None:
+    """Raise a one-line DselError when the model or the world cannot be split tp x pp (x vpp chunks) ways."""
+    if tp < 1 or pp < 1 or vpp < 1:
+        raise DselError(f"{source}: parallel.tp={tp}, parallel.pp={pp} and parallel.vpp={vpp} must be >= 1")
+    if vpp > 1 and pp < 2:
+        raise DselError(f"{source}: parallel.vpp={vpp} needs parallel.pp > 1 (it interleaves model chunks over "
+                        f"the pipeline ranks)")
     if world_size % (tp * pp):
         raise DselError(f"{source}: world size {world_size} is not divisible by tp*pp = {tp}*{pp}; "
                         f"start tp*pp*dp processes with torchrun --nproc_per_node")
@@ -38,6 +42,9 @@ def check_parallel_sizes(config: GPTConfig, tp: int, pp: int, world_size: int, s
             raise DselError(f"{source}: model {name}={value} is not divisible by parallel.tp={tp}")
     if config.n_layer % pp:
         raise DselError(f"{source}: model n_layer={config.n_layer} is not divisible by parallel.pp={pp}")
+    if config.n_layer % (pp * vpp):
+        raise DselError(f"{source}: model n_layer={config.n_layer} is not divisible by parallel.pp*parallel.vpp = "
+                        f"{pp}*{vpp} (every model chunk holds the same number of layers)")
 
 
 def check_sequence_parallel(tp: int, source: str = "train config") -> None:
@@ -50,7 +57,7 @@ def check_sequence_parallel(tp: int, source: str = "train config") -> None:
                         f"local layer spec has no sequence-parallel norm); pip install transformer-engine[pytorch]")
 
 
-def init_parallel(tp: int, pp: int) -> None:
+def init_parallel(tp: int, pp: int, vpp: int = 1) -> None:
     """Start torch.distributed from torchrun's environment (gloo on CPU, nccl on GPU) and megatron's groups.
 
     Without torchrun (no MASTER_ADDR) it starts a one-process group on a free local port.
@@ -67,7 +74,8 @@ def init_parallel(tp: int, pp: int) -> None:
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo", init_method="env://")
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                             virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None)
 
 
 def quiet_megatron_warnings() -> None:
@@ -111,7 +119,7 @@ def seed_everything(seed: int) -> None:
 
 
 def transformer_config(config: GPTConfig, tp: int = 1, pp: int = 1, bf16: bool = False, initialize: bool = True,
-                       sequence_parallel: bool = False):
+                       sequence_parallel: bool = False, vpp: int = 1):
     """The megatron TransformerConfig of a dsel GPTConfig: no dropout, and only fusions that compute what the
     dsel GPT computes (bias-dropout-add on GPUs); `initialize=False` skips megatron's random init (the caller
     fills the weights: megatron still allocates each rank's slice and marks its tensor-parallel attributes,
@@ -130,6 +138,7 @@ def transformer_config(config: GPTConfig, tp: int = 1, pp: int = 1, bf16: bool =
         hidden_dropout=0.0, attention_dropout=0.0, init_method_std=config.init_std,
         **({} if initialize else {"init_method": _keep, "output_layer_init_method": _keep}),
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sequence_parallel,
+        virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
         params_dtype=dtype, pipeline_dtype=dtype, bf16=bf16,
         use_cpu_initialization=not on_gpu,
         bias_activation_fusion=False,  # megatron's fused bias-gelu is the tanh approximation of gelu
@@ -154,16 +163,18 @@ def layer_spec(config: GPTConfig):
 
 
 def build_model(config: GPTConfig, tp: int = 1, pp: int = 1, bf16: bool = False, initialize: bool = True,
-                sequence_parallel: bool = False):
-    """This rank's megatron GPTModel stage (parallel state must be initialised); only its shard is allocated."""
+                sequence_parallel: bool = False, vpp: int = 1, vp_stage: int | None = None):
+    """This rank's megatron GPTModel stage, or with vpp > 1 its model chunk `vp_stage` (parallel state must be
+    initialised); only its shard is allocated."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
     shim.activate()
     model = GPTModel(
-        config=transformer_config(config, tp, pp, bf16, initialize, sequence_parallel), transformer_layer_spec=layer_spec(config),
-        vocab_size=config.vocab_size, max_sequence_length=config.seq_len,
-        pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
+        config=transformer_config(config, tp, pp, bf16, initialize, sequence_parallel, vpp),
+        transformer_layer_spec=layer_spec(config), vocab_size=config.vocab_size, max_sequence_length=config.seq_len,
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage), vp_stage=vp_stage,
         share_embeddings_and_output_weights=config.tie_embeddings, position_embedding_type="rope",
         rotary_base=config.rope_base, parallel_output=True,
     )

@@ -107,17 +107,22 @@ def initial_weights(config: GPTConfig, seed: int, init: str | None) -> Mapping[s
 
 
 def build_rank_model(config: GPTConfig, tp: int, pp: int, bf16: bool, weights: Mapping[str, torch.Tensor],
-                     sequence_parallel: bool = False):
-    """This rank's megatron stage (parallel state initialised) holding its slice of `weights`."""
+                     sequence_parallel: bool = False, vpp: int = 1) -> list:
+    """This rank's megatron model chunks (parallel state initialised), each holding its slice of `weights`: one
+    stage, or with vpp > 1 the chunks of virtual stages pp_rank, pp_rank + pp, ... (megatron's interleaving)."""
     from megatron.core import parallel_state
 
-    model = megatron_model.build_model(config, tp, pp, bf16, initialize=False, sequence_parallel=sequence_parallel)
-    convert.copy_into(model, convert.megatron_tensors(weights, config, parallel_state.get_tensor_model_parallel_rank(),
-                                                      tp, parallel_state.get_pipeline_model_parallel_rank(), pp,
-                                                      te=megatron_model.use_transformer_engine()))
-    return model
+    tp_rank, pp_rank = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank()
+    chunks = []
+    for vp_stage in range(vpp):
+        model = megatron_model.build_model(config, tp, pp, bf16, initialize=False, sequence_parallel=sequence_parallel,
+                                           vpp=vpp, vp_stage=vp_stage if vpp > 1 else None)
+        convert.copy_into(model, convert.megatron_tensors(weights, config, tp_rank, tp, vp_stage * pp + pp_rank, pp * vpp,
+                                                          te=megatron_model.use_transformer_engine()))
+        chunks.append(model)
+    return chunks
 
 
-def parameter_count(model: torch.nn.Module) -> int:
-    """Elements of the parameters this rank holds."""
-    return sum(p.numel() for p in model.parameters())
+def parameter_count(chunks: list) -> int:
+    """Elements of the parameters this rank holds (over its model chunks)."""
+    return sum(p.numel() for model in chunks for p in model.parameters())
