@@ -121,11 +121,11 @@ def test_a_state_saved_before_the_arch_rename_resumes(tmp_path):
     from dsel.train.config import TrainConfig
     from dsel.train.torch_backend import check_same_run
 
-    cfg = TrainConfig(data=["d"], out="o", steps=1, arch={"n_layer": 3})
-    saved = {("model" if k == "arch" else k): v for k, v in to_dict(cfg).items()}
-    check_same_run(saved, cfg, tmp_path / "state.pt", tmp_path)
-    with pytest.raises(DselError, match=r"belongs to a run with arch=\{'n_layer': 2\}"):
-        check_same_run({**saved, "model": {"n_layer": 2}}, cfg, tmp_path / "state.pt", tmp_path)
+    new = to_dict(TrainConfig(data=["d"], out="o", steps=1, arch={"n_layer": 3}))
+    saved = {("model" if k == "arch" else k): v for k, v in new.items()}
+    check_same_run(saved, new, tmp_path / "state.pt", tmp_path)
+    with pytest.raises(DselError, match=r"belongs to a run with arch.n_layer=2, not 3"):
+        check_same_run({**saved, "model": {"n_layer": 2}}, new, tmp_path / "state.pt", tmp_path)
 
 
 def test_help_shows_choices_and_optional_types():

@@ -43,8 +43,8 @@ def _in_fresh_processes(jobs, cache):
 def reports(request, tmp_path_factory):
     """{case: report or the compile error} for the selected cases (and those the concurrent-compile
     test compares with), each compiled one at a time in a fresh process."""
-    selected = {item.callspec.params["case"] for item in request.session.items
-                if getattr(item, "callspec", None) and "case" in item.callspec.params}
+    selected = {item.callspec.params["case"] for item in request.session.items  # this module's items only
+                if item.module is request.module and getattr(item, "callspec", None) and "case" in item.callspec.params}
     order = sorted(selected | set(CONCURRENT_CASES), key=lambda case: ("ieee" not in case[0], case))  # FMA first
     results = _in_fresh_processes([(compile_report, case) for case in order], tmp_path_factory.mktemp("triton-cache"))
     out = dict(zip(order, results))

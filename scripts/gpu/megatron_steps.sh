@@ -73,7 +73,7 @@ else
 fi
 if [ "$GPUS" -ge 2 ] || [ "$DRY" = 1 ]; then
   echo "== virtual pipeline PP=2 x VPP=2 (interleaved 1F1B) vs PP=2, 4 layers"
-  compare vpp 2e-2 "parallel.pp=2 model.n_layer=4" "parallel.pp=2 parallel.vpp=2 model.n_layer=4" || status=1
+  compare vpp 2e-2 "parallel.pp=2 arch.n_layer=4" "parallel.pp=2 parallel.vpp=2 arch.n_layer=4" || status=1
 else
   echo "== virtual pipeline: skipped (needs 2+ GPUs; this host: $GPUS GPUs)"
 fi
