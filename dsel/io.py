@@ -313,6 +313,15 @@ def publish_prefix(out: str | os.PathLike) -> Iterator[Path]:
 
 
 STAGED = "STAGED"  # in a staging folder of publish_prefix: its files are complete and to be moved in
+
+
+def check_not_mid_publish(prefix: str | os.PathLike) -> None:
+    """Refuse to read a dataset whose files are being moved into place (`publish_prefix`), or were when its
+    writer was killed: until the move ends they are part old, part new."""
+    prefix = Path(prefix)
+    for staged in prefix.parent.glob(f".{glob.escape(prefix.name)}.tmp-*/{STAGED}"):
+        raise file_error(prefix, f"is part old, part new: publishing it stopped midway ({staged.parent.name}); "
+                                 "rerun the command that wrote it, which finishes the move")
 MANIFEST = ".meta.json"
 SIDECARS = (".docids.jsonl", ".domains.jsonl", ".fields.jsonl")  # optional: an old one the new dataset lacks goes
 

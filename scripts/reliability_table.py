@@ -95,8 +95,10 @@ FOOTER = """
   into place with `renameat2(RENAME_EXCHANGE)` (two renames where the kernel lacks it; a kill between
   them is repaired by the next writer). A tokenized dataset (`<out>.bin/.idx/...` files, no folder of
   its own) is built under `.<out>.tmp-PID/` and moved in by `publish_prefix`: the old `<out>.meta.json`
-  goes first, the new one comes last, and a kill during the moves is finished by the next writer of the
-  prefix. Single files go through `atomic_path`; checkpoints through the same folder swap. Resumable stages (score shards, training state) keep their progress; their
+  goes first, the new one comes last, readers refuse the prefix in one line while a completed staging
+  folder is beside it (the moves are under way or were killed), and a kill during the moves is finished
+  by the next writer of the prefix. A tokenizer trained by `dsel tokenize` waits in `<out>.shards/` and is
+  published with the dataset as `<out>.model`. Single files go through `atomic_path`; checkpoints through the same folder swap. Resumable stages (score shards, training state) keep their progress; their
   manifest (`scores.json`, `gamma.json`, the stage's `DONE.json`) is written last and checked by readers.
   Temporary files and lock files of killed writers are removed when the next writer takes the lock; a
   refused command removes the output folders it created.
@@ -118,9 +120,7 @@ FOOTER = """
   and the previous output stays in place.
 
 Known limits: two Megatron datasets with identical document lengths and `.bin` size share a digest (the
-`.idx` holds lengths, not tokens); a reader that opens a dataset while its publishing is killed
-mid-move sees no `.meta.json` beside mixed files until the next writer finishes the move; a tokenizer
-trained by `dsel tokenize` is written to `<out>.model` before the dataset is published; locks need a filesystem with `flock` (not every NFS).
+`.idx` holds lengths, not tokens); locks need a filesystem with `flock` (not every NFS).
 """
 
 if __name__ == "__main__":

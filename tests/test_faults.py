@@ -551,8 +551,10 @@ def test_pds_micro_batch_does_not_change_the_solve(work, tmp_path):
 
 
 def test_killed_dataset_publish_is_finished_by_the_next_writer(work, tmp_path):
-    """A tokenize killed while moving its finished dataset into place (new .bin, old .idx, no manifest): the
-    next writer of the prefix finishes the move; the dataset equals the new one, no staging folder left."""
+    """A tokenize killed while moving its finished dataset into place (new .bin, old .idx, no manifest): readers
+    refuse it in one line, the next writer of the prefix finishes the move; the dataset equals the new one, no
+    staging folder left."""
+    from dsel.data.indexed import IndexedDataset
     from dsel.io import STAGED
 
     old, new = tmp_path / "old", tmp_path / "new"
@@ -567,8 +569,11 @@ def test_killed_dataset_publish_is_finished_by_the_next_writer(work, tmp_path):
     copy_dataset(old, tmp_path / "ds")
     shutil.copy(new.with_suffix(".bin"), tmp_path / "ds.bin")  # killed after its first move
     (tmp_path / "ds.meta.json").unlink()
+    with pytest.raises(DselError, match="part old, part new: publishing it stopped midway"):
+        IndexedDataset(tmp_path / "ds")  # readers refuse the mixed files until the move is finished
     with output_lock(tmp_path / "ds"):
         pass
+    assert len(IndexedDataset(tmp_path / "ds")) == len(IndexedDataset(new))
     for suffix in (".bin", ".idx", ".docids.jsonl", ".meta.json"):
         assert Path(f"{tmp_path / 'ds'}{suffix}").read_bytes() == Path(f"{new}{suffix}").read_bytes(), suffix
     assert leftovers(tmp_path / "ds") == []
@@ -618,7 +623,7 @@ def test_stale_lock_files_are_taken_over_and_cleaned(work, tmp_path, name, conte
 BRACED_GPT = json.dumps(GPT).replace("{", "{{").replace("}", "}}")
 FULL_DISK_COMMANDS = {
     "tokenize": ["tokenize", "input={corpus}", "output={out}/ds", "tokenizer={base}.model", "workers=1"],
-    "train": ["train", "data=[{base}]", "out={out}", "steps=5", "preset=tiny", "model=" + BRACED_GPT],
+    "train": ["train", "data=[{base}]", "out={out}", "steps=5", "preset=tiny", "arch=" + BRACED_GPT],
     "select": ["select", "scores={scores}", "out={out}", "column=color"],
     "score": ["score", "corpus={base}", "window=17", "scorer=color", "settings={{prior: {prior}, cond: {cond}}}",
               "out={out}", "device=cpu"],
@@ -626,12 +631,13 @@ FULL_DISK_COMMANDS = {
     "color finetune": ["color", "finetune", "prior={prior}", "target={corpus}", "tokenizer={base}.model",
                        "out={out}", "device=cpu"],
     "color train-prior": ["color", "train-prior", "corpus={base}", "out={out}",
-                          "train={{steps: 2, preset: tiny, model: " + BRACED_GPT + "}}"],
+                          "train={{steps: 2, preset: tiny, arch: " + BRACED_GPT + "}}"],
     "pds solve": ["pds", "solve", "model={prior}", "proxy={base}", "target={base}", "out={out}", "num_proxy=24",
                   "solver.steps=3", "device=cpu"],
     "pds fit-scorer": ["pds", "fit-scorer", "gamma={solve}", "out={out}", "device=cpu"],
     "pds score": ["pds", "score", "corpus={base}", "model={scorer}", "out={out}", "device=cpu"],
     "eval loss": ["eval", "loss", "checkpoint={prior}", "data={{a: {base}}}", "out={out}/loss.json", "device=cpu"],
+    "export hf": ["export", "hf", "model={prior}", "out={out}", "tokenizer={base}.model"],
 }
 
 

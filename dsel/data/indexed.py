@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from dsel.errors import DselError, file_error
-from dsel.io import atomic_path
+from dsel.io import atomic_path, check_not_mid_publish
 from dsel.data.native import _C, native_errors
 
 DTYPE_CODES: dict[int, type] = {
@@ -54,6 +54,7 @@ class IndexedDataset:
 
     def __init__(self, prefix: str | os.PathLike, vocab_size: int | None = None):
         self.prefix = str(prefix)
+        check_not_mid_publish(self.prefix)
         with native_errors():
             self._native = _C.IndexedData(self.prefix)
         self.dtype = np.dtype(DTYPE_CODES[self._native.dtype_code])

@@ -86,7 +86,11 @@ def tokenize_corpus(cfg: TokenizeConfig) -> dict:
         if rank != 0:
             return {}
         with publish_prefix(cfg.out) as staged:  # the old dataset stays whole until the new one is complete
-            meta = _merge(directory, shards, str(staged), settings, tokenizer, dtype, files, cfg)
+            published = None
+            if not cfg.tokenizer:  # the trained tokenizer becomes <out>.model with the rest of the dataset
+                shutil.copyfile(tokenizer.path, f"{staged}.model")
+                published = str(Path(f"{cfg.out}.model").resolve())
+            meta = _merge(directory, shards, str(staged), settings, tokenizer, dtype, files, cfg, published)
         if not cfg.keep_shards:
             shutil.rmtree(directory, ignore_errors=True)
         log.info("wrote %s: %d documents, %d tokens", cfg.out, meta["num_documents"], meta["num_tokens"])
@@ -98,8 +102,10 @@ def tokenize_corpus(cfg: TokenizeConfig) -> dict:
             dist.destroy_process_group()
 
 
-def _merge(directory: Path, shards, prefix: str, settings, tokenizer, dtype, files, cfg: TokenizeConfig) -> dict:
-    """Merge the shards into dataset `prefix` with its sidecars and `<prefix>.meta.json`; returns the meta."""
+def _merge(directory: Path, shards, prefix: str, settings, tokenizer, dtype, files, cfg: TokenizeConfig,
+           tokenizer_path: str | None = None) -> dict:
+    """Merge the shards into dataset `prefix` with its sidecars and `<prefix>.meta.json` (recording the
+    tokenizer at `tokenizer_path` when given: where a trained one is published); returns the meta."""
     from dsel.data.indexed import IndexedDataset
     from dsel.data.meta import write_meta
     from dsel.data.shards import merge_shards
@@ -118,6 +124,8 @@ def _merge(directory: Path, shards, prefix: str, settings, tokenizer, dtype, fil
         "keep_fields": list(cfg.keep_fields),
         "shards": len(shards),
     }
+    if tokenizer_path:
+        meta["tokenizer"] = tokenizer_path
     write_meta(prefix, meta)
     return meta
 
@@ -151,9 +159,10 @@ def _shared_tokenizer(files, cfg: TokenizeConfig, rank: int, world: int) -> Toke
 
     if cfg.tokenizer:
         return load_tokenizer(cfg.tokenizer)
-    model_path = Path(f"{cfg.out}.model")
+    model_path = trained_tokenizer_path(cfg)  # in the work folder: published with the dataset as <out>.model
     record = shards_dir(cfg.out) / "tokenizer.json"
     if rank == 0:
+        model_path.parent.mkdir(parents=True, exist_ok=True)
         reusable = model_path.is_file() and record.is_file() and read_json(record).get("sha256") == file_sha256(model_path)
         if reusable:
             log.info("resuming with the tokenizer %s trained by the interrupted run", model_path)
@@ -163,6 +172,13 @@ def _shared_tokenizer(files, cfg: TokenizeConfig, rank: int, world: int) -> Toke
             write_json(record, {"sha256": file_sha256(model_path)})
     _barrier(world)
     return load_tokenizer(model_path)
+
+
+def trained_tokenizer_path(cfg: TokenizeConfig) -> Path:
+    """Where a tokenizer trained on the corpus lives until the dataset is published (beside the shards)."""
+    from dsel.data.shards import shards_dir
+
+    return shards_dir(cfg.out) / "tokenizer.model"
 
 
 def _encode_my_shards(shards, directory: Path, tokenizer, dtype, cfg: TokenizeConfig, settings, rank: int, world: int) -> None:

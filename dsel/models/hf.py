@@ -301,7 +301,8 @@ def hf_meta(folder: str | os.PathLike) -> dict:
 def export_hf(model_dir: str | os.PathLike, out: str | os.PathLike, tokenizer: str | None = None) -> Path:
     """Write the dsel GPT checkpoint `model_dir` as a transformers folder `out` (all checks before any write)."""
     from dsel.data.tokenizer import load_tokenizer, save_for_transformers
-    from dsel.models.checkpoint import _replace_dir, load_model
+    from dsel.io import check_free_space
+    from dsel.models.checkpoint import _replace_dir, checkpoint_bytes, load_model
 
     model, meta = load_model(model_dir)
     if getattr(model, "arch", None) != "gpt":
@@ -317,6 +318,7 @@ def export_hf(model_dir: str | os.PathLike, out: str | os.PathLike, tokenizer: s
     if tok.vocab_size > model.config.vocab_size:
         raise file_error(tokenizer_path, f"tokenizer has {tok.vocab_size} tokens but model {model_dir} has a vocabulary "
                                          f"of {model.config.vocab_size}")
+    check_free_space(out, checkpoint_bytes(model.config), "the transformers folder")
     hf_model = build_hf_model(model, model_type, tok.eod_id)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
