@@ -262,12 +262,9 @@ def publish_dir(out: str | os.PathLike) -> Iterator[Path]:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        yield tmp
-        replace_dir(tmp, out)
-    except OSError as e:
-        if not out_of_space(e):
-            raise
-        raise file_error(out, f"could not be written ({e.strerror or e}); the previous output is kept") from None
+        with previous_output_kept(out):
+            yield tmp
+            replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -301,13 +298,10 @@ def publish_prefix(out: str | os.PathLike) -> Iterator[Path]:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        yield tmp / out.name
-        (tmp / STAGED).touch()  # complete: from here on the new dataset wins
-        move_prefix_files(tmp, out)
-    except OSError as e:
-        if not out_of_space(e):
-            raise
-        raise file_error(out, f"could not be written ({e.strerror or e}); the previous output is kept") from None
+        with previous_output_kept(out):
+            yield tmp / out.name
+            (tmp / STAGED).touch()  # complete: from here on the new dataset wins
+            move_prefix_files(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -336,6 +330,17 @@ def move_prefix_files(staging: Path, out: Path) -> None:
     for suffix in sorted(staged, key=lambda s: s == MANIFEST):
         os.replace(staged[suffix], f"{out}{suffix}")
     shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def previous_output_kept(out: str | os.PathLike) -> Iterator[None]:
+    """A full disk, quota or file-size limit while `out` is written: one line saying the old output is kept."""
+    try:
+        yield
+    except OSError as e:
+        if not out_of_space(e):
+            raise
+        raise file_error(out, f"could not be written ({e.strerror or e}); the previous output is kept") from None
 
 
 def out_of_space(error: OSError) -> bool:
