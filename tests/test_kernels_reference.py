@@ -24,6 +24,17 @@ def test_loss_per_token_and_per_sequence(shape, dtype):
     torch.testing.assert_close(per_seq, expected, rtol=1e-5, atol=1e-5)
 
 
+def assert_grads_match_autograd(c, h, W, loss, dtype):
+    """The gradients of sum(upstream * loss) w.r.t. the leaves h, W: in their dtype, equal to autograd's
+    through the full logits."""
+    grad_h, grad_W = torch.autograd.grad((loss * c["upstream"]).sum(), (h, W))
+    assert grad_h.dtype == dtype and grad_W.dtype == dtype
+    want_h, want_W = brute_grads(c["hidden"], c["weight"], c["targets"], c["upstream"])
+    rtol, atol = tol(dtype)
+    torch.testing.assert_close(grad_h.float(), want_h, rtol=rtol, atol=atol)
+    torch.testing.assert_close(grad_W.float(), want_W, rtol=rtol, atol=atol)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("budget", [3 * 67, 1 << 20])  # many token chunks, one chunk
@@ -32,12 +43,7 @@ def test_gradients_match_autograd(shape, dtype, budget):
     h = c["hidden"].clone().requires_grad_()
     W = c["weight"].clone().requires_grad_()
     loss = LinearCrossEntropyFunction.apply(h, W, c["targets"], ReferenceBackend(budget))[0]
-    grad_h, grad_W = torch.autograd.grad((loss * c["upstream"]).sum(), (h, W))
-    assert grad_h.dtype == dtype and grad_W.dtype == dtype
-    want_h, want_W = brute_grads(c["hidden"], c["weight"], c["targets"], c["upstream"])
-    rtol, atol = tol(dtype)
-    torch.testing.assert_close(grad_h.float(), want_h, rtol=rtol, atol=atol)
-    torch.testing.assert_close(grad_W.float(), want_W, rtol=rtol, atol=atol)
+    assert_grads_match_autograd(c, h, W, loss, dtype)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -130,12 +136,7 @@ def test_every_cpu_candidate_gives_the_full_logits_loss_and_gradients(monkeypatc
     loss = kernels.linear_cross_entropy(h, W, c["targets"])
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, brute_loss(c["hidden"], c["weight"], c["targets"]), rtol=1e-5, atol=1e-5)
-    grad_h, grad_W = torch.autograd.grad((loss * c["upstream"]).sum(), (h, W))
-    assert grad_h.dtype == dtype and grad_W.dtype == dtype
-    want_h, want_W = brute_grads(c["hidden"], c["weight"], c["targets"], c["upstream"])
-    rtol, atol = tol(dtype)
-    torch.testing.assert_close(grad_h.float(), want_h, rtol=rtol, atol=atol)
-    torch.testing.assert_close(grad_W.float(), want_W, rtol=rtol, atol=atol)
+    assert_grads_match_autograd(c, h, W, loss, dtype)
 
 
 def test_torch_lce_chunks_and_under_torch_func_jvp_takes_the_reference(monkeypatch):
