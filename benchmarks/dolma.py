@@ -15,12 +15,12 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 import numpy as np  # noqa: E402
 
+from dsel.benchmarking import read_rate  # noqa: E402
 from dsel.data.corpus import open_corpus  # noqa: E402
 from dsel.data.windows import Windows  # noqa: E402
 from dsel.io import write_json  # noqa: E402
@@ -58,20 +58,6 @@ def write_files(folder, num_tokens, num_files, seed=0):
     return paths
 
 
-def rate(fn, batches, window, min_seconds):
-    """(windows/s, GB/s) of calling fn(ids) over `batches` until min_seconds have passed."""
-    fn(batches[0])  # warm
-    done, start = 0, time.perf_counter()
-    while True:
-        for ids in batches:
-            fn(ids)
-            done += len(ids)
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_seconds:
-            break
-    return done / elapsed, done * window * 2 / elapsed / 1e9
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=50_000_000, help="corpus size in tokens")
@@ -102,9 +88,9 @@ def main(argv=None):
         np.testing.assert_array_equal(ours.batch(batches[0]), expected)
         np.testing.assert_array_equal(single.batch(batches[0]), expected)
         results = {
-            "dsel directory": rate(lambda ids: ours.batch(ids, out), batches, window, args.seconds),
-            "dsel one file": rate(lambda ids: single.batch(ids, out), batches, window, args.seconds),
-            "OLMo MemMapDataset": rate(lambda ids: np.stack([olmo[int(i)] for i in ids]), batches, window,
+            "dsel directory": read_rate(lambda ids: ours.batch(ids, out), batches, window, args.seconds),
+            "dsel one file": read_rate(lambda ids: single.batch(ids, out), batches, window, args.seconds),
+            "OLMo MemMapDataset": read_rate(lambda ids: np.stack([olmo[int(i)] for i in ids]), batches, window,
                                        args.seconds),
         }
     report(results, args, len(ours))

@@ -21,6 +21,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirna
 
 import numpy as np  # noqa: E402
 
+from dsel.benchmarking import read_rate  # noqa: E402
 from dsel.data.indexed import IndexedDataset, IndexedDatasetWriter  # noqa: E402
 from dsel.data.loader import GPTSampleLoader  # noqa: E402
 from dsel.data.megatron_reference import megatron_gpt_dataset  # noqa: E402
@@ -40,20 +41,6 @@ def write_corpus(prefix, num_tokens, seed=0):
             w.add_document(doc)
             written += len(doc)
     return IndexedDataset(prefix)
-
-
-def rate(fn, batches, batch_size, seq_len, min_seconds):
-    """(samples/s, GB/s) of calling fn(batch_ids) over `batches` until min_seconds have passed."""
-    fn(batches[0])  # warm
-    done, start = 0, time.perf_counter()
-    while True:
-        for ids in batches:
-            fn(ids)
-            done += len(ids)
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_seconds:
-            break
-    return done / elapsed, done * (seq_len + 1) * 2 / elapsed / 1e9
 
 
 def main(argv=None):
@@ -81,12 +68,12 @@ def main(argv=None):
                                       np.stack([theirs._query_document_sample_shuffle_indices(i)[0] for i in batches[0]]))
 
         results = {
-            "dsel batch": rate(lambda ids: ours.batch(ids, out), batches, args.batch_size, args.seq_len, args.seconds),
+            "dsel batch": read_rate(lambda ids: ours.batch(ids, out), batches, args.seq_len + 1, args.seconds),
             "dsel prefetch": prefetch_rate(ours, args),
-            "megatron-core __getitem__": rate(lambda ids: [theirs[int(i)] for i in ids], batches, args.batch_size,
-                                              args.seq_len, args.seconds),
-            "numpy memmap": rate(lambda s: stream[s[:, None] + offsets].astype(np.int64), starts, args.batch_size,
-                                 args.seq_len, args.seconds),
+            "megatron-core __getitem__": read_rate(lambda ids: [theirs[int(i)] for i in ids], batches, args.seq_len + 1,
+                                                   args.seconds),
+            "numpy memmap": read_rate(lambda s: stream[s[:, None] + offsets].astype(np.int64), starts, args.seq_len + 1,
+                                      args.seconds),
         }
     report(results, args)
 

@@ -68,3 +68,18 @@ def matmul_flops(device, dtype=torch.float32, size: int = 1024, repeats: int = 5
     b = torch.randn(size, size, device=device, dtype=dtype)
     seconds, _ = measure(lambda: a @ b, device, repeats)
     return 2 * size**3 / seconds
+
+
+def read_rate(fn, batches, tokens_per_item: int, min_seconds: float, bytes_per_token: int = 2) -> tuple[float, float]:
+    """(items/s, GB/s of tokens read) of calling fn(batch) over `batches` until min_seconds have passed
+    (the loader benchmarks: one warm-up call, then whole passes over the batches)."""
+    fn(batches[0])
+    done, start = 0, time.perf_counter()
+    while True:
+        for batch in batches:
+            fn(batch)
+            done += len(batch)
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds:
+            break
+    return done / elapsed, done * tokens_per_item * bytes_per_token / elapsed / 1e9
