@@ -23,7 +23,7 @@ from torch import nn
 
 from dsel.config import from_dict
 from dsel.errors import DselError, file_error
-from dsel.io import read_json, remove_stale, replace_dir as _replace_dir
+from dsel.io import file_digest, read_json, remove_stale, replace_dir as _replace_dir
 from dsel.models.config import GPTConfig
 
 WEIGHTS = "model.safetensors"
@@ -81,8 +81,6 @@ DIGEST = "digest.json"  # sha256 of the weights, written at save time: what late
 
 def weights_digest(path: str | os.PathLike) -> dict:
     """{"sha256": digest of every weight file of checkpoint folder `path` (name and bytes), "files": sizes}."""
-    from dsel.io import file_digest
-
     files = weight_files(Path(path))
     if not files:
         raise file_error(path, "model weights not found")

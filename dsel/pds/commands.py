@@ -28,7 +28,8 @@ from dsel.config import option, to_dict
 from dsel.data.meta import check_same_tokenizer
 from dsel.data.windows import corpus_prefix
 from dsel.errors import DselError, file_error
-from dsel.io import atomic_path, check_free_space, check_writable, read_json, write_json, writes_output
+from dsel.io import (atomic_path, check_free_space, check_writable, describe_differences, read_json, write_json,
+                     writes_output)
 from dsel.pds.fit import FitConfig
 from dsel.pds.solver import SolverConfig
 from dsel.score.commands import open_windows
@@ -254,8 +255,6 @@ def check_vocab(tokens: np.ndarray, vocab_size: int, data_path: str, model_path:
 
 def _resume_state(out: Path, key: dict, num_windows: int, outer_epochs: int):
     """(gamma, G rows, objectives, first epoch to run) from out/state, or a fresh start."""
-    from dsel.io import describe_differences
-
     state_file = out / "state" / "state.json"
     if not state_file.is_file():
         return None, [], [], 0

@@ -24,7 +24,7 @@ import numpy as np
 from dsel.cli import Command
 from dsel.config import option
 from dsel.errors import DselError
-from dsel.io import (atomic_path, check_free_space, file_digest, publish_dir, write_json,
+from dsel.io import (atomic_path, check_free_space, differences, file_digest, publish_dir, read_json, write_json,
                      writes_output)
 
 log = logging.getLogger(__name__)
@@ -184,8 +184,6 @@ def selection_key(cfg: SelectConfig, meta: dict, windows) -> dict:
 
 def check_overwrite(manifest: Path, key: dict, overwrite: bool) -> None:
     """Refuse to replace a finished output made from other inputs or settings, unless overwrite=true."""
-    from dsel.io import differences, read_json
-
     if overwrite or not manifest.is_file():
         return
     old = read_json(manifest).get("key")

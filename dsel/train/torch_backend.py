@@ -35,9 +35,9 @@ from dsel.data.corpus import open_corpus, sidecar_prefix
 from dsel.data.indexed import IndexedDataset
 from dsel.data.loader import GPTSampleLoader, WindowSampleLoader, WindowStream, prefetched
 from dsel.data.meta import check_same_tokenizer, meta_path, read_meta, tokenizer_identity
-from dsel.data.windows import Windows, source_name
+from dsel.data.windows import Windows, corpus_digest, source_name
 from dsel.errors import file_error
-from dsel.io import atomic_path, differences, progress, read_json
+from dsel.io import atomic_path, differences, file_digest, progress, read_json
 from dsel.models.config import GPTConfig
 from dsel.train.config import TrainConfig
 
@@ -379,8 +379,6 @@ def read_state_file(path: Path, key: dict, state_folder: Path) -> dict:
 def run_key(cfg: TrainConfig, resumable: Sequence[str] = RESUMABLE_CHANGES) -> dict:
     """What a resumed run must share with the saved one: every setting but the `resumable` ones and the input
     paths, and the content of each input (`inputs`: dataset digests, init's weights digest, the weights file's)."""
-    from dsel.data.windows import corpus_digest
-    from dsel.io import file_digest
     from dsel.models.checkpoint import checkpoint_digest
 
     inputs = {"data": [corpus_digest(open_corpus(prefix)) for prefix in cfg.data],
